@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random checkpoints of every supported family, saved in Hugging Face
+format and loaded through the real loading code."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+WORDS = ("the a and to of in was he she it cat dog Mary John store gave drink went when "
+         "then apple ball red blue one two three four five six seven eight nine ten , .").split()
+VOCAB = ["<|endoftext|>", "<unk>", "<pad>"] + WORDS  # 41 ids; models use d_vocab 48
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<pad>")
+
+
+def hf_config(family: str):
+    import transformers as T
+
+    common = dict(vocab_size=48)
+    if family == "gpt2":
+        return T.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, resid_pdrop=0,
+                            embd_pdrop=0, attn_pdrop=0, **common)
+    llama_like = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                      intermediate_size=48, max_position_embeddings=64, **common)
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(**llama_like, rotary_pct=0.5, hidden_dropout=0,
+                               attention_dropout=0)
+    if family == "llama":
+        return T.LlamaConfig(**llama_like, num_key_value_heads=2, attention_bias=True,
+                             mlp_bias=True)
+    if family == "qwen2":
+        return T.Qwen2Config(**llama_like, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "mistral":  # a window shorter than the prompts exercises the sliding mask
+        return T.MistralConfig(**llama_like, num_key_value_heads=1, sliding_window=5)
+    raise ValueError(family)
+
+
+FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral"]
+
+
+def save_tiny(family: str, folder, seed: int = 0):
+    """A random checkpoint with non-trivial norms and biases, written by `save_pretrained`."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family)
+    cfg._attn_implementation = "eager"
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():  # random norm weights and biases so no term hides behind 1s and 0s
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+            else:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    return request.param, save_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(family_dir):
+    from actwh.compute.loading import load_model
+
+    return load_model(family_dir[1], device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_model(family_dir):
+    import transformers as T
+
+    return T.AutoModelForCausalLM.from_pretrained(family_dir[1], attn_implementation="eager").eval()
+
+
+def padded_batch(tokenizer, texts, side="right"):
+    """Token ids and attention mask, padded on `side`."""
+    ids = [tokenizer(t).input_ids for t in texts]
+    n = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    rows, masks = [], []
+    for x in ids:
+        fill = [pad] * (n - len(x))
+        rows.append(x + fill if side == "right" else fill + x)
+        m = [1] * len(x) + [0] * len(fill)
+        masks.append(m if side == "right" else m[::-1])
+    return torch.tensor(rows), torch.tensor(masks)
+
+
+PROMPTS = ["when Mary and John went to the store , John gave a drink to",
+           "the cat",
+           "one two three four five six seven eight nine ten one two three"]
