@@ -70,7 +70,7 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()  # norms in float32 whatever the model dtype, as transformers does
+        x = x.to(torch.promote_types(dtype, torch.float32))  # never below float32, as in HF
         if not self.rms:
             x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale(torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
@@ -122,7 +122,8 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.d_head)
         scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
-        pattern = self.hook_pattern(scores.float().softmax(-1).to(x.dtype))
+        wide = torch.promote_types(x.dtype, torch.float32)  # softmax never below float32
+        pattern = self.hook_pattern(scores.to(wide).softmax(-1).to(x.dtype))
         z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))
         return z.flatten(2) @ self.W_O.flatten(0, 1) + self.b_O  # [batch, pos, d_model]
 

@@ -1,0 +1,233 @@
+"""Derived scalars: one registry, one entry per scalar, and the engine that computes them.
+
+An entry names its node type, its shape kind (`token`: per prompt, position, layer, node;
+`pair`: per prompt, layer, head, query position, key position), the sites and pass types it
+needs, and the function that computes it for one layer. Adding a scalar touches only `SCALARS`.
+The plan for a request is the union of the requested entries' sites, so a request for one
+scalar never caches what the others would need.
+
+Direct effects are write · g, where g is the gradient of the target's linear readout at the final
+residual stream with the final LayerNorm scale (and the softmax normaliser) held fixed, so the
+direct effects of all components plus bias terms sum exactly to the metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from actwh.compute.model import HookedTransformer
+from actwh.compute.targets import TARGETS, Batch, Target, get_target
+from actwh.errors import UnknownName
+
+NODE_TYPES = ("embed", "attn_head", "mlp", "mlp_neuron", "sae_latent", "sae_error", "logit", "resid")
+FINAL_GRAD = ("final_grad", "")  # a need: the direct-effect gradient at the final residual
+OPTIONAL_SITES = {"hook_pos_embed"}  # absent in rotary models, where positions enter elsewhere
+
+
+class Ctx:
+    """What a scalar function reads: the cache of one batch and the model's weights."""
+
+    def __init__(self, model: HookedTransformer, batch: Batch, target: Target, cache):
+        self.model, self.batch, self.target, self.cache = model, batch, target, cache
+        self._g_final = None
+
+    def a(self, site: str, layer: int | None = None) -> torch.Tensor:
+        return self.cache.acts[site.format(L=layer)]
+
+    def g(self, site: str, layer: int | None = None) -> torch.Tensor:
+        return self.cache.grads[site.format(L=layer)]
+
+    def embed(self) -> torch.Tensor:
+        """Token plus positional embedding: the `embed` node's write. [batch, pos, d_model]"""
+        e = self.a("hook_embed")
+        return e + self.a("hook_pos_embed") if "hook_pos_embed" in self.cache.acts else e
+
+    def g_final(self) -> torch.Tensor:
+        """∂(readout · logits)/∂resid_final with the final norm's scale frozen. [batch, pos, d_model]"""
+        if self._g_final is None:
+            m = self.model
+            r = self.target.readout(self.cache.logits, self.batch)
+            b, p = self.batch.tokens.shape
+            direction = torch.zeros(b, p, m.cfg.d_model, dtype=m.W_U.dtype, device=m.device)
+            direction.index_put_((r.batch, r.pos), r.weight[:, None] * m.W_U[:, r.vocab].T,
+                                 accumulate=True)
+            g = self.a("ln_final.hook_scale").to(direction.dtype) * m.ln_final.w * direction
+            if m.cfg.norm == "layernorm":
+                g = g - g.mean(-1, keepdim=True)  # the centring step is linear too
+            self._g_final = g
+        return self._g_final
+
+    def vo(self, layer: int) -> torch.Tensor:
+        """Each head's write per unit of attention to each key: v @ W_O. [batch, key, head, d_model]"""
+        attn = self.model.blocks[layer].attn
+        v = self.a("blocks.{L}.attn.hook_v", layer)
+        group = self.model.cfg.n_heads // self.model.cfg.n_kv_heads
+        if group > 1:
+            v = v.repeat_interleave(group, dim=2)
+        return torch.einsum("bkhe,hed->bkhd", v, attn.W_O)
+
+
+@dataclass(frozen=True)
+class Scalar:
+    name: str
+    node_type: str  # one of NODE_TYPES
+    kind: str  # "token" ([batch, pos, node] per layer) or "pair" ([batch, head, query, key])
+    description: str
+    needs: tuple[tuple[str, str], ...]  # (site, "fwd" | "bwd"); `{L}` = each layer; FINAL_GRAD
+    fn: Callable[[Ctx, int], torch.Tensor]  # (ctx, layer) -> tensor of `kind`'s shape
+    embed_level: bool = False  # one value per position at layer -1 instead of one per block
+    token_form: bool = True  # pair scalars: also stored per query position, summed over keys
+
+
+POST = "blocks.{L}.mlp.hook_post"
+PATTERN = "blocks.{L}.attn.hook_pattern"
+V = "blocks.{L}.attn.hook_v"
+Z = "blocks.{L}.attn.hook_z"
+ATTN_OUT = "blocks.{L}.hook_attn_out"
+MLP_OUT = "blocks.{L}.hook_mlp_out"
+EMBEDS = (("hook_embed", "fwd"), ("hook_pos_embed", "fwd"))
+FINAL = (FINAL_GRAD, ("ln_final.hook_scale", "fwd"))
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x * y).sum(-1, keepdim=True)
+
+
+def _head_act_times_grad(c: Ctx, L: int) -> torch.Tensor:
+    # result_h · grad(attn_out): grad pulled back through W_O, then dotted with z. [b, q, h]
+    back = torch.einsum("bqd,hed->bqhe", c.g(ATTN_OUT, L), c.model.blocks[L].attn.W_O)
+    return (c.a(Z, L) * back).sum(-1)
+
+
+SCALARS: dict[str, Scalar] = {s.name: s for s in [
+    Scalar("mlp_post_act", "mlp_neuron", "token", "MLP neuron activation (after the nonlinearity)",
+           ((POST, "fwd"),), lambda c, L: c.a(POST, L)),
+    Scalar("mlp_write_norm", "mlp_neuron", "token",
+           "norm of the neuron's write to the residual stream: |act| · ||W_out row||",
+           ((POST, "fwd"),),
+           lambda c, L: c.a(POST, L).abs() * c.model.blocks[L].mlp.W_out.norm(dim=-1)),
+    Scalar("mlp_direct_effect", "mlp_neuron", "token",
+           "neuron write · target gradient at the final residual (final norm scale frozen)",
+           ((POST, "fwd"), *FINAL),
+           lambda c, L: c.a(POST, L) * (c.g_final() @ c.model.blocks[L].mlp.W_out.T)),
+    Scalar("mlp_act_times_grad", "mlp_neuron", "token",
+           "neuron activation × ∂target/∂activation", ((POST, "fwd"), (POST, "bwd")),
+           lambda c, L: c.a(POST, L) * c.g(POST, L)),
+    Scalar("attn_pattern", "attn_head", "pair", "attention probability from query to key",
+           ((PATTERN, "fwd"),), lambda c, L: c.a(PATTERN, L), token_form=False),
+    Scalar("attn_write_norm", "attn_head", "pair",
+           "norm of what the head writes from key to query: p · ||v W_O|| (token: summed over keys)",
+           ((PATTERN, "fwd"), (V, "fwd")),
+           lambda c, L: c.a(PATTERN, L) * c.vo(L).norm(dim=-1).permute(0, 2, 1)[:, :, None, :]),
+    Scalar("attn_direct_effect", "attn_head", "pair",
+           "head write from key to query · final-residual target gradient (token: the head's "
+           "whole direct effect)", ((PATTERN, "fwd"), (V, "fwd"), *FINAL),
+           lambda c, L: c.a(PATTERN, L) * torch.einsum("bkhd,bqd->bhqk", c.vo(L), c.g_final())),
+    Scalar("attn_act_times_grad", "attn_head", "pair",
+           "attention probability × ∂target/∂probability (token: summed over keys)",
+           ((PATTERN, "fwd"), (PATTERN, "bwd")), lambda c, L: c.a(PATTERN, L) * c.g(PATTERN, L)),
+    Scalar("attn_head_act_times_grad", "attn_head", "token",
+           "the head's whole output · ∂target/∂attention output (component graph node)",
+           ((Z, "fwd"), (ATTN_OUT, "bwd")), _head_act_times_grad),
+    Scalar("mlp_layer_direct_effect", "mlp", "token",
+           "the MLP layer's output (bias included) · final-residual target gradient",
+           ((MLP_OUT, "fwd"), *FINAL), lambda c, L: _dot(c.a(MLP_OUT, L), c.g_final())),
+    Scalar("mlp_layer_act_times_grad", "mlp", "token",
+           "the MLP layer's output · ∂target/∂output (component graph node)",
+           ((MLP_OUT, "fwd"), (MLP_OUT, "bwd")), lambda c, L: _dot(c.a(MLP_OUT, L), c.g(MLP_OUT, L))),
+    Scalar("embed_direct_effect", "embed", "token",
+           "token + position embedding · final-residual target gradient",
+           (*EMBEDS, *FINAL), lambda c, L: _dot(c.embed(), c.g_final()), embed_level=True),
+    Scalar("token_attribution", "embed", "token",
+           "token + position embedding · ∂target/∂embedding (act × grad of the input)",
+           (*EMBEDS, ("hook_embed", "bwd")), lambda c, L: _dot(c.embed(), c.g("hook_embed")),
+           embed_level=True),
+]}
+
+# How nodes of each type are ranked when a selection names another type's scalar.
+RANKING = {"mlp_neuron": "mlp_act_times_grad", "attn_head": "attn_act_times_grad",
+           "mlp": "mlp_layer_act_times_grad", "embed": "token_attribution"}
+
+
+def get_scalar(name: str) -> Scalar:
+    if name not in SCALARS:
+        raise UnknownName("scalar", name, SCALARS)
+    return SCALARS[name]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The sites (and pass types) one request needs, and nothing else."""
+
+    scalars: tuple[str, ...]
+    fwd: frozenset[str]
+    bwd: frozenset[str]
+    final_grad: bool
+
+    @classmethod
+    def make(cls, model: HookedTransformer, names) -> Plan:
+        scalars = tuple(dict.fromkeys(get_scalar(n).name for n in names))
+        fwd, bwd, final = set(), set(), False
+        for s in map(SCALARS.get, scalars):
+            for site, kind in s.needs:
+                if (site, kind) == FINAL_GRAD:
+                    final = True
+                    continue
+                layers = range(model.cfg.n_layers) if "{L}" in site else [None]
+                for L in layers:
+                    name = site.format(L=L)
+                    if name in OPTIONAL_SITES and name not in model.hook_points:
+                        continue
+                    (fwd if kind == "fwd" else bwd).add(name)
+        return cls(scalars, frozenset(fwd), frozenset(bwd), final)
+
+
+@dataclass
+class ScalarResults:
+    """Dense results of one batch; selection and flattening to columns happen downstream."""
+
+    token: dict[str, torch.Tensor]  # name -> [batch, pos, n_layers (1 for embed), n_nodes]
+    pair: dict[str, torch.Tensor]  # name -> [batch, n_layers, head, query, key]
+    metric: torch.Tensor  # [batch] the target's value per prompt
+    loss: torch.Tensor  # [batch] mean next-token cross-entropy per prompt
+    mask: torch.Tensor  # [batch, pos]
+    plan: Plan = field(repr=False)
+
+
+def detach_ln_hooks(model: HookedTransformer):
+    """Forward hooks that freeze every norm's scale (no gradient flows through it)."""
+    return [(n, lambda t, _n: t.detach()) for n in model.hook_points if n.endswith("hook_scale")]
+
+
+def compute_scalars(model: HookedTransformer, batch: Batch, target: str | Target, names,
+                    detach_ln: bool = False) -> ScalarResults:
+    """Run one forward (and, if any scalar needs gradients, one backward) pass and derive `names`."""
+    target = get_target(target) if isinstance(target, str) else target
+    plan = Plan.make(model, names)
+    batch = batch.to(model.device)
+    fwd = sorted(plan.fwd | ({"ln_final.hook_scale"} if plan.final_grad else set()))
+    cache = model.run_with_cache(
+        batch.tokens, fwd, attention_mask=batch.mask,
+        backward_of=(lambda logits: target.metric(logits, batch).sum()) if plan.bwd else None,
+        grad_names=sorted(plan.bwd), fwd_hooks=detach_ln_hooks(model) if detach_ln else ())
+    ctx = Ctx(model, batch, target, cache)
+    token, pair = {}, {}
+    with torch.no_grad():
+        for name in plan.scalars:
+            s = SCALARS[name]
+            if s.embed_level:
+                token[name] = s.fn(ctx, -1)[:, :, None, :]
+                continue
+            per_layer = torch.stack([s.fn(ctx, L) for L in range(model.cfg.n_layers)], dim=1)
+            if s.kind == "pair":
+                pair[name] = per_layer
+                if s.token_form:  # [b, L, h, q, k] -> [b, q, L, h]
+                    token[name] = per_layer.sum(-1).permute(0, 3, 1, 2)
+            else:
+                token[name] = per_layer.permute(0, 2, 1, 3)  # [b, L, p, n] -> [b, p, L, n]
+        metric = target.metric(cache.logits, batch)
+        loss = TARGETS["loss"].metric(cache.logits, batch)
+    return ScalarResults(token, pair, metric, loss, batch.mask, plan)

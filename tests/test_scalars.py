@@ -1,0 +1,203 @@
+"""Derived scalars against identities, finite differences and `transformers` itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actwh.compute.loading import load_model
+from actwh.compute.scalars import SCALARS, Plan, compute_scalars
+from actwh.compute.targets import TARGETS, Batch
+from actwh.errors import UnknownName
+
+from conftest import PROMPTS, padded_batch
+
+
+@pytest.fixture(scope="module")
+def model64(family_dir):
+    """The tiny model in float64, so finite differences are not drowned by rounding."""
+    return load_model(family_dir[1], device="cpu", dtype=torch.float64)
+
+
+def make_batch(loaded, side="right", texts=PROMPTS):
+    tokens, mask = padded_batch(loaded.tokenizer, texts, side)
+    n = len(texts)
+    return Batch(tokens, mask, target_ids=torch.tensor([5, 7, 9][:n]),
+                 distractor_ids=torch.tensor([6, 8, 10][:n]))
+
+
+def component_sum(model, cache_acts):
+    """embed (+ pos) + every head's result + attention biases + every MLP's output."""
+    cfg = model.cfg
+    total = cache_acts["hook_embed"] + cache_acts.get("hook_pos_embed", 0)
+    for L, block in enumerate(model.blocks):
+        z = cache_acts[f"blocks.{L}.attn.hook_z"]
+        total = total + torch.einsum("bphe,hed->bpd", z, block.attn.W_O) + block.attn.b_O
+        total = total + cache_acts[f"blocks.{L}.hook_mlp_out"]
+    return total
+
+
+def test_decomposition_sums_to_final_residual(tiny_model):
+    model = tiny_model.model
+    b = make_batch(tiny_model)
+    names = [n for n in model.hook_points if n.endswith(("hook_embed", "hook_pos_embed", "hook_z",
+                                                          "hook_mlp_out"))]
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    cache = model.run_with_cache(b.tokens, names + [final], attention_mask=b.mask)
+    diff = component_sum(model, cache.acts) - cache.acts[final]
+    assert diff[b.mask.bool()].abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("target", ["logit", "logit_diff", "logprob", "loss"])
+def test_direct_effects_sum_to_metric(model64, target):
+    model = model64.model
+    b = make_batch(model64)
+    res = compute_scalars(model, b, target, ["embed_direct_effect", "attn_direct_effect",
+                                             "mlp_direct_effect", "mlp_layer_direct_effect"])
+    total = (res.token["embed_direct_effect"].sum((1, 2, 3)) + res.token["attn_direct_effect"].sum((1, 2, 3))
+             + res.token["mlp_direct_effect"].sum((1, 2, 3)))
+    # Bias terms: attention and MLP output biases along g, the final norm's bias and the
+    # unembedding bias along the readout, and the readout's constant (frozen normaliser).
+    from actwh.compute.scalars import Ctx
+
+    cache = model.run_with_cache(b.tokens, ["ln_final.hook_scale"], attention_mask=b.mask)
+    ctx = Ctx(model, b, TARGETS[target], cache)
+    g = ctx.g_final() * b.mask[..., None]
+    for block in model.blocks:
+        total = total + (g @ block.attn.b_O).sum(-1) + (g @ block.mlp.b_out).sum(-1)
+    r = TARGETS[target].readout(cache.logits, b)
+    per_entry = r.weight * (model.ln_final.b @ model.W_U + model.b_U)[r.vocab]
+    total = total.index_add(0, r.batch, per_entry) + r.constant
+    assert (total - res.metric).abs().max() <= 1e-3
+    # The layer-level MLP direct effect is its neurons' plus its output bias.
+    bias = torch.stack([(g @ blk.mlp.b_out) for blk in model.blocks], dim=2)
+    layer = res.token["mlp_direct_effect"].sum(-1) + bias
+    assert torch.allclose(res.token["mlp_layer_direct_effect"][..., 0], layer, atol=1e-8)
+
+
+def finite_difference(model, b, target, site, index, eps=1e-4):
+    """(metric(1+eps) - metric(1-eps)) / 2eps for scaling one entry of `site`'s tensor."""
+    def run(scale):
+        def hook(t, name):
+            t = t.clone()
+            t[index] = t[index] * scale
+            return t
+        with torch.no_grad(), model.hooks(fwd=[(site, hook)]):
+            return TARGETS[target].metric(model(b.tokens, b.mask), b)
+    return (run(1 + eps) - run(1 - eps)) / (2 * eps)
+
+
+@pytest.mark.parametrize("target", ["logit_diff", "loss"])
+def test_act_times_grad_matches_finite_difference(model64, target):
+    model = model64.model
+    b = make_batch(model64)
+    res = compute_scalars(model, b, target, ["mlp_act_times_grad", "attn_act_times_grad",
+                                             "attn_head_act_times_grad", "mlp_layer_act_times_grad",
+                                             "token_attribution"])
+    p, L = 3, model.cfg.n_layers - 1
+
+    def check(value, fd):
+        assert abs(value - fd) <= max(1e-5, 0.01 * abs(fd)), (value, fd)
+
+    neuron = int(res.token["mlp_act_times_grad"][0, p, 0].abs().argmax())
+    fd = finite_difference(model, b, target, "blocks.0.mlp.hook_post", (0, p, neuron))[0]
+    check(float(res.token["mlp_act_times_grad"][0, p, 0, neuron]), float(fd))
+    head = int(res.token["attn_head_act_times_grad"][0, p, L].abs().argmax())
+    fd = finite_difference(model, b, target, f"blocks.{L}.attn.hook_z", (0, p, head))[0]
+    check(float(res.token["attn_head_act_times_grad"][0, p, L, head]), float(fd))
+    # Scaling one query's whole pattern row: derivative = Σ_k p_k ∂m/∂p_k, the token form.
+    fd = finite_difference(model, b, target, f"blocks.{L}.attn.hook_pattern", (0, head, p))[0]
+    check(float(res.token["attn_act_times_grad"][0, p, L, head]), float(fd))
+    fd = finite_difference(model, b, target, "blocks.0.hook_mlp_out", (0, p))[0]
+    check(float(res.token["mlp_layer_act_times_grad"][0, p, 0, 0]), float(fd))
+    fd = finite_difference(model, b, target, "hook_embed", (0, p))[0]
+    if "hook_pos_embed" in model.hook_points:  # the embed node is token + position
+        def both(scale):
+            hook = lambda t, n: torch.cat([t[:, :p], t[:, p:p + 1] * scale, t[:, p + 1:]], 1)  # noqa
+            with torch.no_grad(), model.hooks(fwd=[("hook_embed", hook), ("hook_pos_embed", hook)]):
+                return TARGETS[target].metric(model(b.tokens, b.mask), b)[0]
+        fd = (both(1 + 1e-4) - both(1 - 1e-4)) / 2e-4
+    check(float(res.token["token_attribution"][0, p, 0, 0]), float(fd))
+
+
+def test_attn_pattern_equals_transformers(tiny_model, hf_model):
+    b = make_batch(tiny_model)
+    res = compute_scalars(tiny_model.model, b, "logit", ["attn_pattern"])
+    with torch.no_grad():
+        out = hf_model(input_ids=b.tokens, attention_mask=b.mask, output_attentions=True)
+    real = b.mask.bool()
+    keep = real[:, None, :, None] & real[:, None, None, :]
+    for L, theirs in enumerate(out.attentions):
+        ours = res.pair["attn_pattern"][:, L]
+        assert (ours - theirs).abs()[keep.expand_as(ours)].max() <= 1e-5
+
+
+def test_token_forms_equal_independent_head_quantities(model64):
+    model = model64.model
+    b = make_batch(model64)
+    res = compute_scalars(model, b, "logit_diff", ["attn_direct_effect", "attn_write_norm",
+                                                   "attn_act_times_grad"])
+    from actwh.compute.scalars import Ctx
+
+    names = [f"blocks.{L}.attn.{s}" for L in range(model.cfg.n_layers)
+             for s in ("hook_z", "hook_pattern", "hook_v")] + ["ln_final.hook_scale"]
+    cache = model.run_with_cache(b.tokens, names, attention_mask=b.mask)
+    g = Ctx(model, b, TARGETS["logit_diff"], cache).g_final()
+    for L, block in enumerate(model.blocks):
+        result = torch.einsum("bphe,hed->bphd", cache.acts[f"blocks.{L}.attn.hook_z"], block.attn.W_O)
+        de = (result * g[:, :, None, :]).sum(-1)
+        assert torch.allclose(res.token["attn_direct_effect"][:, :, L], de, atol=1e-9)
+        for name in ("attn_direct_effect", "attn_write_norm", "attn_act_times_grad"):
+            summed = res.pair[name][:, L].sum(-1).permute(0, 2, 1)
+            assert torch.allclose(res.token[name][:, :, L], summed, atol=1e-9)
+    # write norm: |p| * ||v W_O|| equals the norm of the explicit per-key write vector
+    L, h, q, k = 0, 1, 4, 2
+    v = cache.acts[f"blocks.{L}.attn.hook_v"][0, k, h // (model.cfg.n_heads // model.cfg.n_kv_heads)]
+    write = cache.acts[f"blocks.{L}.attn.hook_pattern"][0, h, q, k] * (v @ model.blocks[L].attn.W_O[h])
+    assert torch.isclose(res.pair["attn_write_norm"][0, L, h, q, k], write.norm())
+
+
+def test_padded_batch_equals_prompts_one_at_a_time(tiny_model):
+    model = tiny_model.model
+    names = list(SCALARS)
+    batch = make_batch(tiny_model, "left")
+    res = compute_scalars(model, batch, "logit_diff", names)
+    n = batch.tokens.shape[1]
+    for i, text in enumerate(PROMPTS):
+        one = make_batch(tiny_model, texts=[text])
+        one = Batch(one.tokens, one.mask, batch.target_ids[i:i + 1], batch.distractor_ids[i:i + 1])
+        single = compute_scalars(model, one, "logit_diff", names)
+        m = one.tokens.shape[1]
+        for name, t in single.token.items():
+            assert torch.allclose(res.token[name][i, n - m:], t[0], atol=1e-4), name
+        for name, t in single.pair.items():
+            assert torch.allclose(res.pair[name][i, :, :, n - m:, n - m:], t[0], atol=1e-4), name
+        assert torch.isclose(res.metric[i], single.metric[0], atol=1e-4)
+
+
+def test_unknown_names_list_the_valid_ones(tiny_model):
+    b = make_batch(tiny_model)
+    with pytest.raises(UnknownName) as err:
+        compute_scalars(tiny_model.model, b, "logit", ["mlp_post_act", "mlp_psot_act"])
+    assert "mlp_psot_act" in str(err.value) and "mlp_post_act" in str(err.value)
+    with pytest.raises(UnknownName) as err:
+        compute_scalars(tiny_model.model, b, "logits", ["mlp_post_act"])
+    assert all(t in str(err.value) for t in TARGETS)
+
+
+def test_plan_for_one_mlp_scalar_caches_only_its_site(tiny_model):
+    model = tiny_model.model
+    plan = Plan.make(model, ["mlp_post_act"])
+    assert plan.fwd == {f"blocks.{L}.mlp.hook_post" for L in range(model.cfg.n_layers)}
+    assert not plan.bwd and not plan.final_grad
+    plan = Plan.make(model, ["mlp_act_times_grad"])
+    assert not any("pattern" in s for s in plan.fwd | plan.bwd)
+
+
+def test_every_scalar_is_fully_declared():
+    from actwh.compute.scalars import NODE_TYPES, RANKING
+
+    for s in SCALARS.values():
+        assert s.description and s.kind in ("token", "pair") and s.node_type in NODE_TYPES
+        assert s.needs
+    assert all(r in SCALARS and SCALARS[r].node_type == t for t, r in RANKING.items())
