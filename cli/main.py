@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from actwh import __version__
+from actwh.cli.output import format_option, render
 from actwh.errors import ActwhError
 
 
@@ -56,3 +57,138 @@ def sites(model_path: str | None) -> None:
 
     for name in load_model(model_path, device="cpu").model.hook_points:
         click.echo(name)
+
+
+def db_option(f):
+    return click.option("--db", envvar="ACTWH_DB", default="actwh.duckdb", show_default=True,
+                        help="Warehouse file (or $ACTWH_DB).")(f)
+
+
+def parse_params(pairs: tuple[str, ...]) -> dict:
+    """k=v pairs; values that read as integers or floats are bound as numbers."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not k=v", param_hint="--param")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    return out
+
+
+@cli.command()
+@click.argument("prompts", type=click.Path(dir_okay=False), required=False)
+@db_option
+@model_option
+@click.option("--scalars", default=None, metavar="A,B,...",
+              help="Comma-separated scalar names (see `actwh scalars`); default: act × grad, "
+                   "direct effects, activations and patterns.")
+@click.option("--all", "all_scalars", is_flag=True, help="Every scalar in the registry.")
+@click.option("--target", default=None,
+              help="loss | logit | logit_diff | logprob (default: logit_diff when prompts give a "
+                   "target and distractor, logprob with a target only, else loss).")
+@click.option("--select", default=None, metavar="RULE",
+              help="top-k:N:SCALAR | threshold:X:SCALAR | dense [default: top-k:20:mlp_act_times_grad].")
+@click.option("--batch-size", default=8, show_default=True, help="Prompts per batch (and per write).")
+@device_option
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16", "float64"]))
+@click.option("--name", default=None, help="A name for the run.")
+@click.option("--prepend-bos", is_flag=True, help="Force a BOS token before every prompt.")
+@click.option("--detach-ln", is_flag=True, help="Freeze LayerNorm scales in the backward pass too.")
+@click.option("--resume", type=int, default=None, metavar="RUN_ID",
+              help="Finish an interrupted run with its stored settings.")
+@click.option("--top", default=10, show_default=True, help="Attributions to print at the end.")
+def populate(prompts, db, model_path, scalars, all_scalars, target, select, batch_size, device,
+             dtype, name, prepend_bos, detach_ln, resume, top) -> None:
+    """Run the model over PROMPTS (.txt or .jsonl) and load scalars into the warehouse."""
+    from actwh.runner import DEFAULT_SCALARS, DEFAULT_SELECTION, PopulateOptions, populate as run
+    from actwh.compute.default_model import default_prompts
+    from actwh.compute.scalars import SCALARS
+
+    opts = None
+    if resume is None:
+        names = tuple(SCALARS) if all_scalars else (
+            tuple(s.strip() for s in scalars.split(",") if s.strip()) if scalars else DEFAULT_SCALARS)
+        if prompts is None and model_path is None:
+            prompts = str(default_prompts())
+        if prompts is None:
+            raise click.UsageError("give a PROMPTS file (the example prompts belong to the "
+                                   "default model)")
+        opts = PopulateOptions(prompts, model_path, names, target, select or DEFAULT_SELECTION,
+                               batch_size, device, dtype, name, prepend_bos, detach_ln)
+    result = run(db, opts, resume=resume, on_wait=lambda msg: click.echo(msg, err=True))
+    click.echo(f"run {result.run_id}: {result.status}, {result.n_written} prompts written "
+               f"({result.rows['node_scalars']:,} node rows, {result.rows['pair_scalars']:,} pair "
+               f"rows) in {result.seconds:.1f}s -> {db}", err=True)
+    if top:
+        from actwh.compute.selection import Selection
+        from actwh.queries.loader import Queries
+        from actwh.warehouse.store import Warehouse
+
+        sel = Selection.parse(select or DEFAULT_SELECTION) if resume is None else None
+        scalar = sel.scalar if sel is not None and sel.scalar else "mlp_act_times_grad"
+        with Warehouse(db) as wh:
+            render(Queries()["run_top_nodes"](wh, run=result.run_id, scalar=scalar, k=top), "table")
+
+
+@cli.command()
+@db_option
+@format_option
+def runs(db, fmt) -> None:
+    """List the runs in the warehouse."""
+    from actwh.warehouse.store import Warehouse
+
+    render(Warehouse(db).runs(), fmt)
+
+
+@cli.command()
+@db_option
+@format_option
+def models(db, fmt) -> None:
+    """List the models registered in the warehouse."""
+    from actwh.warehouse.store import Warehouse
+
+    render(Warehouse(db).models(), fmt)
+
+
+@cli.command()
+@click.argument("query")
+@db_option
+@click.option("--param", "-p", "params", multiple=True, metavar="K=V",
+              help="Bind $K to V (repeatable); never pasted into the SQL.")
+@format_option
+def sql(query, db, params, fmt) -> None:
+    """Run one SQL statement on the warehouse (read-only) and print the result."""
+    from actwh.warehouse.store import Warehouse
+
+    render(Warehouse(db).sql(query, **parse_params(params)), fmt)
+
+
+@cli.command()
+@click.argument("run", type=int)
+@click.argument("folder", type=click.Path(file_okay=False))
+@db_option
+def export(run, folder, db) -> None:
+    """Export one run to FOLDER as Parquet, one file per table."""
+    from actwh.warehouse.store import Warehouse
+
+    for path in Warehouse(db).export_run(run, folder):
+        click.echo(path)
+
+
+@cli.command()
+@format_option
+def scalars(fmt) -> None:
+    """List the derived scalars with their node type, shape and description."""
+    import polars as pl
+
+    from actwh.compute.scalars import SCALARS
+
+    render(pl.DataFrame([{"scalar": s.name, "node_type": s.node_type, "shape": s.kind,
+                          "description": s.description} for s in SCALARS.values()]), fmt)

@@ -20,6 +20,7 @@ from actwh.errors import ModelLoadError, UnsupportedArchitecture
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # config chatter is not for our users
 
 SUPPORTED = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model" / "weights"

@@ -31,7 +31,7 @@ def make_tokenizer():
 def hf_config(family: str):
     import transformers as T
 
-    common = dict(vocab_size=48)
+    common = dict(vocab_size=48, bos_token_id=0, eos_token_id=0, pad_token_id=2)
     if family == "gpt2":
         return T.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, resid_pdrop=0,
                             embd_pdrop=0, attn_pdrop=0, **common)
@@ -108,3 +108,34 @@ def padded_batch(tokenizer, texts, side="right"):
 PROMPTS = ["when Mary and John went to the store , John gave a drink to",
            "the cat",
            "one two three four five six seven eight nine ten one two three"]
+
+
+IOI_ROWS = [
+    {"text": "when Mary and John went to the store , John gave a drink to", "target": "Mary",
+     "distractor": "John", "corrupt": "when Mary and she went to the store , John gave a drink to"},
+    {"text": "when John and Mary went to the store , Mary gave a ball to", "target": "John",
+     "distractor": "Mary", "corrupt": "when John and he went to the store , Mary gave a ball to"},
+    {"text": "the cat and the dog went to the store", "target": "cat", "distractor": "dog"},
+    {"text": "one two three four", "target": "five", "distractor": "six"},
+    {"text": "Mary gave the apple to John , then John gave the apple to", "target": "Mary",
+     "distractor": "John"},
+    {"text": "red blue red blue red", "target": "blue", "distractor": "red"},
+]
+
+
+def write_prompts(path, rows=IOI_ROWS, repeat: int = 1):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for _ in range(repeat) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    return save_tiny("gpt2", tmp_path_factory.mktemp("gpt2_ckpt"))
+
+
+@pytest.fixture
+def warehouse(tmp_path):
+    """A path for a fresh warehouse file."""
+    return tmp_path / "wh.duckdb"

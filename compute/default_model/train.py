@@ -25,12 +25,14 @@ log = logging.getLogger("actwh.train")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BOS = "<|endoftext|>"
 
-# (name, mix of document kinds, copy alphabet, accuracy on the stage's probe that ends the stage)
+# (name, mix of document kinds, copy alphabet, probe accuracy that ends the stage, step cap).
+# A stage ends when its probe reaches the goal or after its step cap: a first run that waited
+# for copy-only accuracy sat at 30% for 1,800 steps, while the notes' run broke through in the mix.
 STAGES = [
-    ("copy-64", {"copy": 1.0}, 64, 0.9),
-    ("copy-512", {"copy": 0.6, "induction": 0.4}, 512, 0.9),
-    ("mix", {"ioi": 0.30, "induction": 0.30, "copy": 0.10, "successor": 0.10, "filler": 0.20},
-     10_000, None),
+    ("copy-64", {"copy": 1.0}, 64, 0.9, 600),
+    ("copy-512", {"copy": 0.6, "induction": 0.4}, 512, 0.9, 600),
+    ("mix", {"ioi": 0.35, "induction": 0.35, "copy": 0.10, "successor": 0.10, "filler": 0.10},
+     10_000, None, None),
 ]
 
 
@@ -123,11 +125,11 @@ def train(out: Path, seed: int, minutes: float, threads: int, batch: int, seq: i
     log_path = out / "train_log.jsonl"
     log_path.write_text("")
 
-    stage, buffer, step, best = 0, [], 0, -1.0
+    stage, stage_start, buffer, step, best = 0, 0, [], 0, -1.0
     start = time.time()
     deadline = start + minutes * 60
     while time.time() < deadline:
-        name, mix, alphabet, goal = STAGES[stage]
+        name, mix, alphabet, goal, cap = STAGES[stage]
         while len(buffer) < batch * seq:
             buffer += [vocab[BOS]] + [vocab[w] for w in gen.document(mix, alphabet)]
         rows = torch.tensor(buffer[: batch * seq]).view(batch, seq)
@@ -150,8 +152,8 @@ def train(out: Path, seed: int, minutes: float, threads: int, batch: int, seq: i
                 f.write(json.dumps(record) + "\n")
             log.info("%s", record)
             probe = m["copy_alphabet64"] if stage == 0 else m["copy_alphabet512"]
-            if goal is not None and probe >= goal:
-                stage += 1
+            if goal is not None and (probe >= goal or step - stage_start >= cap):
+                stage, stage_start = stage + 1, step
             if stage == len(STAGES) - 1:
                 score = min(m["ioi_held_out_pairs"], m["induction_span10"])
                 if score > best:
