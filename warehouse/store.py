@@ -77,7 +77,7 @@ def connect(path: str | os.PathLike, read_only: bool, wait_s: float = 10.0,
                 on_wait(f"waiting for {holder}, which holds {path}")
                 told = True
             time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            delay = min(delay * 2, 0.1)
 
 
 class Warehouse:
@@ -145,7 +145,7 @@ class Warehouse:
             for table, query in EXPORT_SQL.items():
                 final = folder / f"{table}.parquet"
                 tmp = folder / f".{table}.parquet.tmp"
-                reader = con.sql(query, params={"run": run_id}).fetch_record_batch()
+                reader = con.sql(query, params={"run": run_id}).to_arrow_reader()
                 with pq.ParquetWriter(tmp, reader.schema, compression="zstd") as w:
                     for rb in reader:
                         w.write_batch(rb)

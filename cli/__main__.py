@@ -1,0 +1,3 @@
+from actwh.cli.main import cli
+
+cli()
