@@ -192,3 +192,63 @@ def scalars(fmt) -> None:
 
     render(pl.DataFrame([{"scalar": s.name, "node_type": s.node_type, "shape": s.kind,
                           "description": s.description} for s in SCALARS.values()]), fmt)
+
+
+@cli.command("queries")
+def list_queries() -> None:
+    """List the saved queries with their docs and parameters."""
+    from actwh.queries.loader import Queries
+
+    for q in Queries():
+        click.echo(f"{q.name}({q.signature_text()})\n    {q.doc}")
+
+
+@cli.command()
+@click.argument("name")
+@db_option
+@click.option("--param", "-p", "params", multiple=True, metavar="K=V",
+              help="Bind parameter K to V (repeatable).")
+@format_option
+def query(name, db, params, fmt) -> None:
+    """Run the saved query NAME (see `actwh queries`) with bound parameters."""
+    from actwh.queries.loader import Queries
+    from actwh.warehouse.store import Warehouse
+
+    saved = Queries()[name]
+    bound = saved.bind(**parse_params(params))
+    render(Warehouse(db).sql(saved.sql, **bound), fmt)
+
+
+@cli.command()
+@click.argument("run", type=int)
+@click.argument("prompt", type=int)
+@db_option
+@click.option("--method", type=click.Choice(["threshold", "top-n", "reachable", "influence"]),
+              default="influence", show_default=True, help="How edges are chosen.")
+@click.option("--threshold", "value", type=float, default=None,
+              help="Minimum |edge value| (threshold, reachable).")
+@click.option("-n", default=50, show_default=True, help="Edges kept by top-n.")
+@click.option("--node-threshold", default=0.8, show_default=True,
+              help="Cumulative influence fraction of nodes kept (influence).")
+@click.option("--edge-threshold", default=0.98, show_default=True,
+              help="Cumulative influence fraction of edges kept (influence).")
+@click.option("--dot", type=click.Path(dir_okay=False), help="Also write Graphviz DOT here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
+@format_option
+def circuit(run, prompt, db, method, value, n, node_threshold, edge_threshold, dot, json_path,
+            fmt) -> None:
+    """Filter the edges of one prompt of RUN into a circuit and print its edges."""
+    import json
+
+    from actwh.queries.circuit import find_circuit
+    from actwh.warehouse.store import Warehouse
+
+    found = find_circuit(Warehouse(db), run, prompt, method, value, n, node_threshold,
+                         edge_threshold)
+    if dot:
+        with open(dot, "w") as f:
+            f.write(found.to_dot())
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(found.to_json(), f, indent=1, default=str)
+    render(found.edges.select("up_label", "down_label", "down_input", "value"), fmt)
