@@ -213,6 +213,19 @@ def convert(cfg: ModelConfig, c: dict, state: dict[str, torch.Tensor]) -> dict[s
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer as saved. transformers 5's AutoTokenizer picks a class by model_type
+    and rebuilds the pipeline for some (Qwen2), ignoring a generic tokenizer.json; when the
+    folder names the generic class, load exactly that file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_path = folder / "tokenizer_config.json"
+    cls = json.loads(cfg_path.read_text()).get("tokenizer_class") if cfg_path.exists() else None
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = None,
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a checkpoint folder (or cache name, or the default model when None) and its tokenizer."""
@@ -234,10 +247,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
         raise ModelLoadError(f"weights in {folder} lack {', '.join(missing[:5])}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device=device, dtype=dtype).eval()
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer from {folder}: {e}") from None
     info = ModelInfo(str(name_or_path) if name_or_path else "default", str(folder), sha, cfg.arch, c)

@@ -238,6 +238,8 @@ class HookedTransformer(nn.Module):
             if torch.is_grad_enabled():
                 pos_embed.requires_grad_(True)
             x = x + self.hook_pos_embed(pos_embed)
+        if torch.is_grad_enabled() and not x.requires_grad:
+            x = x.detach().requires_grad_(True)  # a hook replaced the embeddings with constants
         idx = torch.arange(n, device=tokens.device)
         allowed = idx[None, :] <= idx[:, None]  # [query, key] causal
         if cfg.sliding_window is not None:

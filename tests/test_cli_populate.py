@@ -23,7 +23,7 @@ ACTWH = [sys.executable, "-m", "actwh.cli"]
 
 
 def spawn(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([*ACTWH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, **kw)
 
@@ -75,7 +75,8 @@ def test_sigkill_at_random_points_then_resume_completes(tmp_path, gpt2_dir):
             invariants(db)
     started = db.exists() and invariants(db)[0] > 0
     done = subprocess.run([*ACTWH, *args, *(["--resume", "1"] if started else [])],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     runs, n_prompts, status = invariants(db)
     assert (runs, n_prompts, status) == (1, 36, [("complete",)])

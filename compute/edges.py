@@ -1,0 +1,207 @@
+"""Edge attribution over the component graph (EAP, Syed et al. 2023; EAP-IG, Hanna et al. 2024).
+
+Upstream nodes: `embed` (token + position embedding), every `attn_head`, every `mlp` layer.
+Downstream nodes: every attention head through its q, k or v input, every `mlp`, and the target
+(`logit`). score(u → v, pos) = out_u[pos] · ∂metric/∂in_v[pos], where in_v is v's own copy of the
+residual stream, taken before v's norm, with the gradient flowing through the norm's scale.
+
+All edges come from one forward and one backward pass (per integration step): the backward
+pass gives ∂metric/∂q, k, v of every head and ∂metric/∂(normalized MLP input); pulling those
+back through W_Q/W_K/W_V and through each position's norm Jacobian (closed form) gives the
+gradient at each downstream node's private copy of the residual stream, exactly as if every
+node had its own copy. Conventions follow the public EAP-IG code: the attention output bias
+belongs to no head (a bias term), an MLP's output includes its bias, value biases stay inside
+each head. With grouped-query attention, k and v inputs are per key/value head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from actwh.compute.model import HookedTransformer
+from actwh.compute.targets import Batch, Target, get_target
+from actwh.errors import ActwhError
+
+
+@dataclass(frozen=True)
+class Node:
+    layer: int  # -1 for embed, n_layers for the target
+    node_type: str  # embed, attn_head, mlp, logit
+    index: int
+    down_input: str | None = None  # q, k, v for attention-head inputs
+
+
+def upstream_nodes(model: HookedTransformer) -> list[Node]:
+    cfg = model.cfg
+    nodes = [Node(-1, "embed", 0)]
+    for L in range(cfg.n_layers):
+        nodes += [Node(L, "attn_head", h) for h in range(cfg.n_heads)] + [Node(L, "mlp", 0)]
+    return nodes
+
+
+def downstream_nodes(model: HookedTransformer) -> list[Node]:
+    cfg = model.cfg
+    nodes = []
+    for L in range(cfg.n_layers):
+        for inp, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
+            nodes += [Node(L, "attn_head", h, inp) for h in range(n)]
+        nodes.append(Node(L, "mlp", 0))
+    return nodes + [Node(cfg.n_layers, "logit", 0)]
+
+
+def is_upstream(u: Node, v: Node, parallel: bool) -> bool:
+    if u.layer < v.layer:
+        return True
+    # Within a layer only attention feeds the MLP, and not in parallel blocks.
+    return (u.layer == v.layer and u.node_type == "attn_head" and v.node_type == "mlp"
+            and not parallel)
+
+
+@dataclass
+class EdgeResults:
+    values: torch.Tensor  # [batch, pos, U, V] (positions "each") or [batch, U, V] ("summed")
+    up: list[Node]
+    down: list[Node]
+    allowed: torch.Tensor  # [U, V] bool: u is upstream of v
+    bias: torch.Tensor  # [batch, pos, V]: Σ attention output biases upstream of v · g_v
+    in_dot_grad: torch.Tensor  # [batch, pos, V]: in_v · ∂metric/∂in_v (completeness check)
+    metric: torch.Tensor  # [batch] clean metric
+    corrupt_metric: torch.Tensor | None  # [batch] metric on the corrupted prompts
+
+
+def norm_vjp(model, normalized: torch.Tensor, scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Jᵀg for x ↦ normalized(x) at each position (LayerNorm centres, RMSNorm does not).
+
+    normalized, scale: [b, p, d], [b, p, 1]; g: [b, p, ..., d] (extra node dims allowed).
+    """
+    extra = g.dim() - normalized.dim()
+    n = normalized.reshape(*normalized.shape[:2], *([1] * extra), normalized.shape[-1])
+    s = scale.reshape(*scale.shape[:2], *([1] * extra), 1)
+    if model.cfg.norm == "layernorm":
+        g = g - g.mean(-1, keepdim=True)
+    return s * (g - n * (g * n).mean(-1, keepdim=True))
+
+
+def _sites(model: HookedTransformer):
+    cfg = model.cfg
+    last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+    fwd = ["hook_embed", *(["hook_pos_embed"] if "hook_pos_embed" in model.hook_points else []), last]
+    bwd = [last]
+    for L in range(cfg.n_layers):
+        p = f"blocks.{L}."
+        fwd += [p + "attn.hook_z", p + "hook_mlp_out", p + "hook_resid_pre", p + "hook_resid_mid",
+                p + "ln1.hook_normalized", p + "ln1.hook_scale", p + "ln2.hook_normalized",
+                p + "ln2.hook_scale"]
+        bwd += [p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "ln2.hook_normalized"]
+    return fwd, bwd, last
+
+
+def upstream_outputs(model: HookedTransformer, acts) -> torch.Tensor:
+    """Every upstream node's write to the residual stream. [batch, pos, U, d_model]"""
+    outs = [acts["hook_embed"] + acts.get("hook_pos_embed", 0)]
+    for L, block in enumerate(model.blocks):
+        z = acts[f"blocks.{L}.attn.hook_z"]
+        outs += list(torch.einsum("bphe,hed->hbpd", z, block.attn.W_O))
+        outs.append(acts[f"blocks.{L}.hook_mlp_out"])
+    return torch.stack(outs, dim=2)
+
+
+def downstream_grads(model: HookedTransformer, acts, grads, last: str) -> torch.Tensor:
+    """∂metric/∂in_v for every downstream node v. [batch, pos, V, d_model]"""
+    out = []
+    for L, block in enumerate(model.blocks):
+        p = f"blocks.{L}."
+        attn = block.attn
+        n1, s1 = acts[p + "ln1.hook_normalized"], acts[p + "ln1.hook_scale"]
+        for site, W in (("q", attn.W_Q), ("k", attn.W_K), ("v", attn.W_V)):
+            g_site = grads[p + f"attn.hook_{site}"]  # [b, p, heads, d_head]
+            g_norm = torch.einsum("bphe,hde->bphd", g_site, W) * block.ln1.w
+            out.append(norm_vjp(model, n1, s1, g_norm))
+        g_mlp = norm_vjp(model, acts[p + "ln2.hook_normalized"], acts[p + "ln2.hook_scale"],
+                         grads[p + "ln2.hook_normalized"])
+        out.append(g_mlp[:, :, None, :])
+    out.append(grads[last][:, :, None, :])
+    return torch.cat(out, dim=2)
+
+
+def downstream_inputs(model: HookedTransformer, acts, last: str) -> torch.Tensor:
+    """in_v, the residual stream each downstream node reads. [batch, pos, V, d_model]"""
+    cfg = model.cfg
+    out = []
+    for L in range(cfg.n_layers):
+        p = f"blocks.{L}."
+        pre = acts[p + "hook_resid_pre"][:, :, None, :]
+        out.append(pre.expand(-1, -1, cfg.n_heads + 2 * cfg.n_kv_heads, -1))
+        out.append(pre if cfg.parallel else acts[p + "hook_resid_mid"][:, :, None, :])
+    out.append(acts[last][:, :, None, :])
+    return torch.cat(out, dim=2)
+
+
+def component_edges(model: HookedTransformer, batch: Batch, target: str | Target,
+                    corrupt: torch.Tensor | None = None, ig_steps: int = 0,
+                    positions: str = "summed") -> EdgeResults:
+    """All component-graph edges of a batch.
+
+    corrupt: token ids of the corrupted prompts (same shape as batch.tokens), or None for the
+    zero baseline (act × grad). ig_steps = 0: gradients at the clean input (EAP); N ≥ 1: the
+    mean gradient over inputs corrupt + α(clean − corrupt), α = k/N, k = 0 … N−1 (EAP-IG).
+    """
+    target = get_target(target) if isinstance(target, str) else target
+    if positions not in ("summed", "each"):
+        raise ActwhError(f"edge positions must be 'summed' or 'each', not {positions!r}")
+    if ig_steps and corrupt is None:
+        raise ActwhError("--ig-steps needs corrupted prompts (the corrupt baseline)")
+    batch = batch.to(model.device)
+    fwd, bwd, last = _sites(model)
+    metric_fn = lambda logits: target.metric(logits, batch).sum()  # noqa: E731
+    clean = model.run_with_cache(batch.tokens, fwd, attention_mask=batch.mask,
+                                 backward_of=metric_fn if not ig_steps else None,
+                                 grad_names=bwd)
+    out = upstream_outputs(model, clean.acts)
+    corrupt_metric = None
+    if corrupt is not None:
+        corrupt = corrupt.to(model.device)
+        if corrupt.shape != batch.tokens.shape:
+            raise ActwhError("corrupted prompts must have as many tokens as their clean prompts")
+        bad = model.run_with_cache(corrupt, fwd, attention_mask=batch.mask)
+        out = out - upstream_outputs(model, bad.acts)
+        corrupt_metric = target.metric(bad.logits, batch)
+    if ig_steps:
+        embed_names = [n for n in ("hook_embed", "hook_pos_embed") if n in model.hook_points]
+        clean_e = {n: clean.acts[n] for n in embed_names}
+        bad_e = {n: bad.acts[n] for n in embed_names}
+        g_sum = None
+        for k in range(ig_steps):
+            alpha = k / ig_steps
+            hooks = [(n, lambda t, n, a=alpha: bad_e[n] + a * (clean_e[n] - bad_e[n]))
+                     for n in embed_names]
+            step = model.run_with_cache(batch.tokens, fwd, attention_mask=batch.mask,
+                                        backward_of=metric_fn, grad_names=bwd, fwd_hooks=hooks)
+            g = downstream_grads(model, step.acts, step.grads, last)
+            g_sum = g if g_sum is None else g_sum + g
+        g = g_sum / ig_steps
+    else:
+        g = downstream_grads(model, clean.acts, clean.grads, last)
+    x = downstream_inputs(model, clean.acts, last)
+    real = batch.mask.to(g.dtype)[:, :, None, None]
+    g = g * real
+    up, down = upstream_nodes(model), downstream_nodes(model)
+    allowed = torch.tensor([[is_upstream(u, v, model.cfg.parallel) for v in down] for u in up],
+                           device=g.device)
+    with torch.no_grad():
+        if positions == "each":
+            values = torch.einsum("bpud,bpvd->bpuv", out, g) * allowed
+        else:
+            values = torch.einsum("bpud,bpvd->buv", out, g) * allowed
+        # Bias terms: attention output biases of every layer upstream of v.
+        b_O = torch.stack([blk.attn.b_O for blk in model.blocks])  # [L, d]
+        layer_of = torch.tensor([v.layer for v in down], device=g.device)
+        attn_before = (torch.arange(model.cfg.n_layers, device=g.device)[:, None] < layer_of[None, :])
+        same_layer_mlp = (torch.arange(model.cfg.n_layers, device=g.device)[:, None] == layer_of[None, :]) & \
+            torch.tensor([v.node_type == "mlp" and not model.cfg.parallel for v in down], device=g.device)
+        bias = torch.einsum("ld,bpvd,lv->bpv", b_O, g, (attn_before | same_layer_mlp).to(g.dtype))
+        in_dot_grad = (x * g).sum(-1)
+    return EdgeResults(values, up, down, allowed, bias, in_dot_grad,
+                       target.metric(clean.logits, batch), corrupt_metric)

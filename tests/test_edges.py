@@ -1,0 +1,135 @@
+"""Component-graph edges against a brute-force autograd reference, one downstream node at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actwh.compute.edges import component_edges
+from actwh.compute.loading import load_model
+from actwh.compute.targets import TARGETS, Batch
+
+from conftest import PROMPTS, padded_batch
+
+CORRUPT = ["when John and Mary went to the store , Mary gave a ball to",
+           "the dog",
+           "one two three four five six seven eight nine ten ten nine eight"]
+
+
+@pytest.fixture(scope="module")
+def model64(family_dir):
+    return load_model(family_dir[1], device="cpu", dtype=torch.float64)
+
+
+def make_batch(loaded, texts=PROMPTS):
+    tokens, mask = padded_batch(loaded.tokenizer, texts)
+    return Batch(tokens, mask, torch.tensor([5, 7, 9]), torch.tensor([6, 8, 10]))
+
+
+def outputs(model, batch, extra_hooks=()):
+    """Upstream writes, computed directly: embed (+pos), z_h W_O_h per head, MLP outputs."""
+    names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_points else [])
+    names += [f"blocks.{L}.{s}" for L in range(model.cfg.n_layers) for s in ("attn.hook_z", "hook_mlp_out")]
+    acts = model.run_with_cache(batch.tokens, names, attention_mask=batch.mask,
+                                fwd_hooks=extra_hooks).acts
+    outs = [acts["hook_embed"] + acts.get("hook_pos_embed", 0)]
+    for L, blk in enumerate(model.blocks):
+        for h in range(model.cfg.n_heads):
+            outs.append(acts[f"blocks.{L}.attn.hook_z"][:, :, h] @ blk.attn.W_O[h])
+        outs.append(acts[f"blocks.{L}.hook_mlp_out"])
+    return outs
+
+
+def reference_grad(model, batch, target, v, extra_hooks=()):
+    """∂metric/∂in_v where only v reads a private copy of the residual stream. [b, p, d]"""
+    cfg = model.cfg
+    copy = {}
+
+    def grab(t, name):
+        copy["x"] = t.detach().clone().requires_grad_(True)
+
+    hooks = list(extra_hooks)
+    if v.node_type == "attn_head":
+        blk = model.blocks[v.layer]
+        W = {"q": blk.attn.W_Q, "k": blk.attn.W_K, "v": blk.attn.W_V}[v.down_input]
+        b = {"q": blk.attn.b_Q, "k": blk.attn.b_K, "v": blk.attn.b_V}[v.down_input]
+
+        def swap(t, name):
+            t = t.clone()
+            t[:, :, v.index] = blk.ln1(copy["x"]) @ W[v.index] + b[v.index]
+            return t
+        hooks += [(f"blocks.{v.layer}.hook_resid_pre", grab),
+                  (f"blocks.{v.layer}.attn.hook_{v.down_input}", swap)]
+    elif v.node_type == "mlp":
+        blk = model.blocks[v.layer]
+        src = "hook_resid_pre" if cfg.parallel else "hook_resid_mid"
+        hooks += [(f"blocks.{v.layer}.{src}", grab),
+                  (f"blocks.{v.layer}.mlp.hook_pre",
+                   lambda t, n: blk.ln2(copy["x"]) @ blk.mlp.W_in + blk.mlp.b_in)]
+        if cfg.gated_mlp:
+            hooks.append((f"blocks.{v.layer}.mlp.hook_pre_linear",
+                          lambda t, n: blk.ln2(copy["x"]) @ blk.mlp.W_up + blk.mlp.b_up))
+    else:
+        def keep(t, name):
+            copy["x"] = t
+        hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", keep))
+    with torch.enable_grad(), model.hooks(fwd=hooks):
+        logits = model(batch.tokens, batch.mask)
+        (g,) = torch.autograd.grad(TARGETS[target].metric(logits, batch).sum(), [copy["x"]])
+    return g * batch.mask[..., None]
+
+
+def test_edges_equal_brute_force_and_are_complete(model64):
+    model = model64.model
+    batch = make_batch(model64)
+    res = component_edges(model, batch, "logit_diff", positions="each")
+    outs = outputs(model, batch)
+    for j, v in enumerate(res.down):
+        g = reference_grad(model, batch, "logit_diff", v)
+        for i, u in enumerate(res.up):
+            if res.allowed[i, j]:
+                want = (outs[i] * g).sum(-1)  # [b, p]
+                assert torch.allclose(res.values[:, :, i, j], want, atol=1e-4), (u, v)
+            else:
+                assert (res.values[:, :, i, j] == 0).all()
+    # Completeness: Σ_u score(u -> v) + bias terms = in_v · ∂metric/∂in_v, at every position.
+    total = res.values.sum(2) + res.bias
+    assert torch.allclose(total, res.in_dot_grad, atol=1e-8)
+    summed = component_edges(model, batch, "logit_diff", positions="summed")
+    assert torch.allclose(summed.values, res.values.sum(1), atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_corrupt_baseline_and_ig_equal_brute_force(model64, steps):
+    model = model64.model
+    batch = make_batch(model64)
+    corrupt, _ = padded_batch(model64.tokenizer, CORRUPT)
+    assert corrupt.shape == batch.tokens.shape
+    res = component_edges(model, batch, "logit_diff", corrupt=corrupt, ig_steps=steps)
+    bad = Batch(corrupt, batch.mask, batch.target_ids, batch.distractor_ids)
+    diffs = [c - k for c, k in zip(outputs(model, batch), outputs(model, bad))]
+    embed_names = [n for n in ("hook_embed", "hook_pos_embed") if n in model.hook_points]
+    e_clean = model.run_with_cache(batch.tokens, embed_names, attention_mask=batch.mask).acts
+    e_bad = model.run_with_cache(corrupt, embed_names, attention_mask=batch.mask).acts
+    alphas = [k / steps for k in range(steps)] if steps else [None]
+    for j, v in enumerate(res.down):
+        grads = []
+        for a in alphas:
+            hooks = [] if a is None else [
+                (n, lambda t, n, a=a: e_bad[n] + a * (e_clean[n] - e_bad[n])) for n in embed_names]
+            grads.append(reference_grad(model, batch, "logit_diff", v, hooks))
+        g = sum(grads) / len(grads)
+        for i in range(len(res.up)):
+            if res.allowed[i, j]:
+                want = (diffs[i] * g).sum((-1, -2))
+                assert torch.allclose(res.values[:, i, j], want, atol=1e-4), (res.up[i], v)
+    # What the linearisation claims for the target vs the true clean - corrupt difference.
+    into_target = res.values[:, :, -1].sum(1)
+    assert into_target.shape == res.metric.shape == res.corrupt_metric.shape
+
+
+def test_ig_without_corrupt_is_refused(model64):
+    from actwh.errors import ActwhError
+
+    with pytest.raises(ActwhError, match="corrupt"):
+        component_edges(model64.model, make_batch(model64), "logit_diff", ig_steps=2)
