@@ -28,6 +28,20 @@ DEFAULT_SELECTION = "top-k:20:mlp_act_times_grad"
 
 
 @dataclass(frozen=True)
+class EdgeOptions:
+    """Component-graph edges for a run (provenance: stored with the run's options)."""
+
+    baseline: str = "zero"  # zero (act × grad) or corrupt (clean − corrupt activations)
+    ig_steps: int = 0  # 0: EAP, gradient at the clean input; N: EAP-IG with N points
+    select: str = "top-k:50"  # top-k:N | threshold:X | dense, per prompt
+    positions: str = "summed"  # summed (up_pos/down_pos NULL) or each
+
+    @property
+    def method(self) -> str:
+        return "EAP-IG" if self.ig_steps else "EAP"
+
+
+@dataclass(frozen=True)
 class PopulateOptions:
     prompts: str  # path of the .txt / .jsonl file
     model: str | None = None  # checkpoint folder or cache name; None = the embedded model
@@ -40,9 +54,20 @@ class PopulateOptions:
     name: str | None = None
     prepend_bos: bool = False
     detach_ln: bool = False  # freeze every norm scale in the backward pass too
+    edges: EdgeOptions | None = None  # None: no edges
 
     def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+        if self.edges is not None:
+            out["edges"] = {**self.edges.__dict__, "method": self.edges.method}
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> PopulateOptions:
+        edges = d.get("edges")
+        if edges is not None:
+            edges = EdgeOptions(**{k: v for k, v in edges.items() if k != "method"})
+        return cls(**{**d, "scalars": tuple(d["scalars"]), "edges": edges})
 
 
 @dataclass
@@ -53,6 +78,7 @@ class Encoded:
     target: int | None
     distractor: int | None
     position: int | None
+    corrupt: list[int] | None = None  # token ids of the corrupted counterpart
 
 
 @dataclass
@@ -74,7 +100,7 @@ def default_target(prompts) -> str:
     return "loss"
 
 
-def encode_all(loaded, prompts, target, prepend_bos: bool) -> list[Encoded]:
+def encode_all(loaded, prompts, target, prepend_bos: bool, need_corrupt: bool = False) -> list[Encoded]:
     from actwh.compute.inference import encode
     from actwh.compute.prompts import token_id
 
@@ -96,7 +122,15 @@ def encode_all(loaded, prompts, target, prepend_bos: bool) -> list[Encoded]:
         if p.position is not None and not 0 <= p.position < len(ids):
             raise PromptError(f"prompt {p.prompt_id}: position {p.position} is outside its "
                               f"{len(ids)} tokens")
-        out.append(Encoded(p.prompt_id, p.text, ids, tgt, dis, p.position))
+        bad = None
+        if need_corrupt:
+            if p.corrupt is None:
+                raise PromptError(f"prompt {p.prompt_id}: the corrupt baseline needs a \"corrupt\" text")
+            bad = encode(loaded, p.corrupt, prepend_bos)
+            if len(bad) != len(ids):
+                raise PromptError(f"prompt {p.prompt_id}: its corrupted text is {len(bad)} tokens, "
+                                  f"the prompt {len(ids)}; they must match position by position")
+        out.append(Encoded(p.prompt_id, p.text, ids, tgt, dis, p.position, bad))
     return out
 
 
@@ -140,8 +174,7 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
         if not os.path.exists(db):
             raise ActwhError(f"cannot resume run {resume}: no warehouse at {db}")
         writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), on_wait=on_wait)
-        stored = writer.run(resume)["options"]
-        opts = PopulateOptions(**{**stored, "scalars": tuple(stored["scalars"])})
+        opts = PopulateOptions.from_json(writer.run(resume)["options"])
     assert opts is not None
     scalars = [get_scalar(s).name for s in opts.scalars]
     selection = Selection.parse(opts.select)
@@ -152,8 +185,21 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
     if dtype is None:
         raise ActwhError(f"unknown dtype {opts.dtype!r}; valid: float32, bfloat16, float16, float64")
     loaded = load_model(opts.model, device=opts.device, dtype=dtype)
-    encoded = encode_all(loaded, prompts, target, opts.prepend_bos)
-    opts = PopulateOptions(**{**opts.__dict__, "target": target.name})
+    if opts.edges is not None:
+        if opts.edges.baseline not in ("zero", "corrupt"):
+            raise ActwhError(f"unknown edge baseline {opts.edges.baseline!r}; valid: zero, corrupt")
+        if opts.edges.ig_steps and opts.edges.baseline != "corrupt":
+            raise ActwhError("--ig-steps integrates from the corrupted prompt: use --edges-baseline corrupt")
+        from actwh.compute.edges import check_edge_options
+
+        check_edge_options(opts.edges.select, opts.edges.positions)
+    encoded = encode_all(loaded, prompts, target, opts.prepend_bos,
+                         need_corrupt=opts.edges is not None and opts.edges.baseline == "corrupt")
+    model_arg = opts.model
+    if model_arg is not None and os.path.isdir(model_arg):
+        model_arg = os.path.abspath(model_arg)  # so --resume works from any directory
+    opts = PopulateOptions(**{**opts.__dict__, "target": target.name, "model": model_arg,
+                              "prompts": os.path.abspath(opts.prompts)})
 
     writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), on_wait=on_wait)
     if resume is None:
@@ -179,7 +225,7 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
     for i in range(0, len(pending), opts.batch_size):
         chunk = pending[i:i + opts.batch_size]
         tables = compute_batch(loaded, chunk, target, needed, scalars, selection, opts.detach_ln,
-                               run_id, token_text)
+                               run_id, token_text, opts.edges)
         writer.append_batch(run_id, tables)
         for t in rows:
             rows[t] += tables[t].num_rows
@@ -193,7 +239,8 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
 
 
 def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selection, detach_ln,
-                  run_id: int, token_text: dict[int, str]) -> dict[str, pa.Table]:
+                  run_id: int, token_text: dict[int, str],
+                  edges: EdgeOptions | None = None) -> dict[str, pa.Table]:
     """Compute one batch and shape it into the Arrow tables the warehouse appends."""
     import torch
 
@@ -231,9 +278,27 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
         for t in e.ids:
             if t not in token_text:
                 token_text[t] = loaded.tokenizer.decode([t])
+    out = {}
+    corrupt_metric = to_target = np.full(len(chunk), np.nan)
+    if edges is not None:
+        from actwh.compute.edges import component_edges, edge_columns
+
+        bad = None
+        if edges.baseline == "corrupt":
+            bad = torch.tensor([e.corrupt + [pad] * (n - len(e.corrupt)) for e in chunk])
+        er = component_edges(loaded.model, batch, target, corrupt=bad, ig_steps=edges.ig_steps,
+                             positions=edges.positions)
+        tids = np.array([-1 if e.target is None else e.target for e in chunk])
+        ecols = edge_columns(er, edges.select, prompt_ids, tids, mask)
+        out["edges"] = edge_table(ecols, run_id)
+        into = er.values[..., -1]
+        to_target = (into.sum((1, 2)) if into.dim() == 3 else into.sum(1)).float().cpu().numpy()
+        if er.corrupt_metric is not None:
+            corrupt_metric = er.corrupt_metric.float().cpu().numpy()
     order = np.argsort(prompt_ids, kind="stable")
     sorted_chunk = [chunk[i] for i in order]
     metric, loss = res.metric.float().cpu().numpy()[order], res.loss.float().cpu().numpy()[order]
+    corrupt_metric, to_target = corrupt_metric[order], to_target[order]
     prompts = pa.table({
         "run_id": pa.array([run_id] * len(chunk), pa.int32()),
         "prompt_id": pa.array([e.prompt_id for e in sorted_chunk], pa.int32()),
@@ -243,6 +308,8 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
         "distractor_token_id": pa.array([e.distractor for e in sorted_chunk], pa.int32()),
         "metric": pa.array(metric.astype(np.float64)),
         "loss": pa.array(loss.astype(np.float64)),
+        "corrupt_metric": pa.array(corrupt_metric.astype(np.float64), from_pandas=True),
+        "edges_to_target": pa.array(to_target.astype(np.float64), from_pandas=True),
     })
     tok_rows = [(e.prompt_id, pos, t) for e in sorted_chunk for pos, t in enumerate(e.ids)]
     tokens_table = pa.table({
@@ -253,4 +320,27 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
         "token": [token_text[r[2]] for r in tok_rows],
     })
     return {"prompts": prompts, "tokens": tokens_table, "node_scalars": table(cols.node),
-            "pair_scalars": table(cols.pair)}
+            "pair_scalars": table(cols.pair), **out}
+
+
+def edge_table(cols: dict, run_id: int) -> pa.Table:
+    from actwh.compute.scalars import NODE_TYPES
+
+    n = len(cols["value"])
+    types = pa.array(NODE_TYPES)
+    down_input = pa.array(cols["down_input"], mask=cols["down_input"] < 0)
+    pos = (lambda k: pa.nulls(n, pa.int32()) if cols[k] is None else pa.array(cols[k]))  # noqa: E731
+    return pa.table({
+        "run_id": pa.array(np.full(n, run_id, dtype=np.int32)),
+        "prompt_id": pa.array(cols["prompt_id"]),
+        "up_layer": pa.array(cols["up_layer"]),
+        "up_type": pa.DictionaryArray.from_arrays(pa.array(cols["up_type"]), types),
+        "up_index": pa.array(cols["up_index"]),
+        "up_pos": pos("up_pos"),
+        "down_layer": pa.array(cols["down_layer"]),
+        "down_type": pa.DictionaryArray.from_arrays(pa.array(cols["down_type"]), types),
+        "down_index": pa.array(cols["down_index"]),
+        "down_pos": pos("down_pos"),
+        "down_input": pa.DictionaryArray.from_arrays(down_input, pa.array(["q", "k", "v"])),
+        "value": pa.array(cols["value"]),
+    })

@@ -103,11 +103,22 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
 @click.option("--detach-ln", is_flag=True, help="Freeze LayerNorm scales in the backward pass too.")
 @click.option("--resume", type=int, default=None, metavar="RUN_ID",
               help="Finish an interrupted run with its stored settings.")
+@click.option("--edges", "edges", is_flag=True, help="Add the component graph's edges (EAP).")
+@click.option("--edges-baseline", type=click.Choice(["zero", "corrupt"]), default="zero",
+              show_default=True, help="zero: act × grad; corrupt: clean − corrupt activations.")
+@click.option("--ig-steps", type=int, default=0, show_default=True,
+              help="EAP-IG integration points between corrupt and clean (0: plain EAP).")
+@click.option("--edges-select", default="top-k:50", show_default=True,
+              help="Edges kept per prompt: top-k:N | threshold:X | dense.")
+@click.option("--edges-positions", type=click.Choice(["summed", "each"]), default="summed",
+              show_default=True, help="Sum edges over positions or keep one per position.")
 @click.option("--top", default=10, show_default=True, help="Attributions to print at the end.")
 def populate(prompts, db, model_path, scalars, all_scalars, target, select, batch_size, device,
-             dtype, name, prepend_bos, detach_ln, resume, top) -> None:
+             dtype, name, prepend_bos, detach_ln, resume, edges, edges_baseline, ig_steps,
+             edges_select, edges_positions, top) -> None:
     """Run the model over PROMPTS (.txt or .jsonl) and load scalars into the warehouse."""
-    from actwh.runner import DEFAULT_SCALARS, DEFAULT_SELECTION, PopulateOptions, populate as run
+    from actwh.runner import (DEFAULT_SCALARS, DEFAULT_SELECTION, EdgeOptions, PopulateOptions,
+                              populate as run)
     from actwh.compute.default_model import default_prompts
     from actwh.compute.scalars import SCALARS
 
@@ -120,8 +131,9 @@ def populate(prompts, db, model_path, scalars, all_scalars, target, select, batc
         if prompts is None:
             raise click.UsageError("give a PROMPTS file (the example prompts belong to the "
                                    "default model)")
+        edge_opts = EdgeOptions(edges_baseline, ig_steps, edges_select, edges_positions) if edges else None
         opts = PopulateOptions(prompts, model_path, names, target, select or DEFAULT_SELECTION,
-                               batch_size, device, dtype, name, prepend_bos, detach_ln)
+                               batch_size, device, dtype, name, prepend_bos, detach_ln, edge_opts)
     result = run(db, opts, resume=resume, on_wait=lambda msg: click.echo(msg, err=True))
     click.echo(f"run {result.run_id}: {result.status}, {result.n_written} prompts written "
                f"({result.rows['node_scalars']:,} node rows, {result.rows['pair_scalars']:,} pair "

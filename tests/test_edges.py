@@ -133,3 +133,42 @@ def test_ig_without_corrupt_is_refused(model64):
 
     with pytest.raises(ActwhError, match="corrupt"):
         component_edges(model64.model, make_batch(model64), "logit_diff", ig_steps=2)
+
+
+def test_stored_edges_round_trip_and_selection_count(tmp_path, gpt2_dir):
+    import numpy as np
+
+    from actwh.compute.prompts import read_prompts
+    from actwh.runner import EdgeOptions, PopulateOptions, encode_all, populate
+    from actwh.warehouse import Warehouse
+
+    from conftest import write_prompts
+
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    db = tmp_path / "wh.duckdb"
+    opts = PopulateOptions(str(prompts), str(gpt2_dir), ("mlp_act_times_grad",), "logit_diff",
+                           batch_size=1, edges=EdgeOptions(select="top-k:9"))
+    run = populate(db, opts, progress=False).run_id
+    loaded = load_model(gpt2_dir, device="cpu")
+    encoded = encode_all(loaded, read_prompts(prompts), TARGETS["logit_diff"], False)
+    wh = Warehouse(db)
+    for e in encoded:
+        ids = torch.tensor([e.ids])
+        batch = Batch(ids, torch.ones_like(ids), torch.tensor([e.target]), torch.tensor([e.distractor]))
+        res = component_edges(loaded.model, batch, "logit_diff")
+        got = wh.sql("SELECT up_layer, up_type::VARCHAR AS up_type, up_index, down_layer, "
+                     "down_type::VARCHAR AS down_type, down_index, down_input::VARCHAR AS down_input, "
+                     "up_pos, value FROM edges WHERE run_id = $r AND prompt_id = $p", r=run, p=e.prompt_id)
+        assert got.height == 9 and got["up_pos"].null_count() == 9
+        index = {(n.layer, n.node_type, n.index): i for i, n in enumerate(res.up)}
+        down = {(n.layer, n.node_type, n.index, n.down_input): j for j, n in enumerate(res.down)}
+        for r in got.iter_rows(named=True):
+            i = index[(r["up_layer"], r["up_type"], r["up_index"])]
+            d_index = 0 if r["down_type"] == "logit" else r["down_index"]
+            if r["down_type"] == "logit":
+                assert r["down_index"] == e.target
+            j = down[(r["down_layer"], r["down_type"], d_index, r["down_input"])]
+            assert np.float32(r["value"]) == np.float32(res.values[0, i, j].item())
+        # the nine kept are the nine largest |value| among upstream pairs
+        cand = res.values[0][res.allowed].abs().sort(descending=True).values
+        assert np.isclose(min(abs(got["value"])), cand[8].item(), rtol=1e-6)

@@ -69,7 +69,9 @@ def build_metadata(node_types: tuple[str, ...], scalars: tuple[str, ...]) -> sa.
              sa.Column("target_token_id", sa.Integer),
              sa.Column("distractor_token_id", sa.Integer),
              sa.Column("metric", sa.Float),
-             sa.Column("loss", sa.Float))
+             sa.Column("loss", sa.Float),
+             sa.Column("corrupt_metric", sa.Float),  # the target on the corrupted prompt
+             sa.Column("edges_to_target", sa.Float))  # Σ of all edges into the target
     sa.Table("batches", md,  # one row per committed batch: what a write is checked against
              sa.Column("run_id", sa.Integer, primary_key=True),
              sa.Column("batch_id", sa.Integer, primary_key=True),
