@@ -35,6 +35,8 @@ class EdgeOptions:
     ig_steps: int = 0  # 0: EAP, gradient at the clean input; N: EAP-IG with N points
     select: str = "top-k:50"  # top-k:N | threshold:X | dense, per prompt
     positions: str = "summed"  # summed (up_pos/down_pos NULL) or each
+    into: int = 0  # > 0: node-level edges into each prompt's `into` top act × grad nodes
+    component: bool = True  # the component graph (False when only --edges-into was asked)
 
     @property
     def method(self) -> str:
@@ -286,15 +288,35 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
         bad = None
         if edges.baseline == "corrupt":
             bad = torch.tensor([e.corrupt + [pad] * (n - len(e.corrupt)) for e in chunk])
-        er = component_edges(loaded.model, batch, target, corrupt=bad, ig_steps=edges.ig_steps,
-                             positions=edges.positions)
-        tids = np.array([-1 if e.target is None else e.target for e in chunk])
-        ecols = edge_columns(er, edges.select, prompt_ids, tids, mask)
-        out["edges"] = edge_table(ecols, run_id)
-        into = er.values[..., -1]
-        to_target = (into.sum((1, 2)) if into.dim() == 3 else into.sum(1)).float().cpu().numpy()
-        if er.corrupt_metric is not None:
-            corrupt_metric = er.corrupt_metric.float().cpu().numpy()
+        parts = []
+        if edges.component:
+            er = component_edges(loaded.model, batch, target, corrupt=bad,
+                                 ig_steps=edges.ig_steps, positions=edges.positions)
+            tids = np.array([-1 if e.target is None else e.target for e in chunk])
+            parts.append(edge_columns(er, edges.select, prompt_ids, tids, mask))
+            into = er.values[..., -1]
+            to_target = (into.sum((1, 2)) if into.dim() == 3 else into.sum(1)).float().cpu().numpy()
+            if er.corrupt_metric is not None:
+                corrupt_metric = er.corrupt_metric.float().cpu().numpy()
+        if edges.into:
+            from actwh.compute.node_edges import (node_edge_columns, node_edges, sites,
+                                                  top_downstream)
+
+            fwd, bwd = sites(loaded.model)
+            b_dev = batch.to(loaded.model.device)
+            cache = loaded.model.run_with_cache(
+                b_dev.tokens, fwd, attention_mask=b_dev.mask, grad_names=bwd,
+                backward_of=lambda logits: target.metric(logits, b_dev).sum())
+            downs = top_downstream(loaded.model, b_dev, cache, edges.into)
+            parts.append(node_edge_columns(node_edges(loaded.model, b_dev, target, downs, cache),
+                                           edges.select, prompt_ids, mask))
+        merged = {k: np.concatenate([p[k] if p[k] is not None else np.full(len(p["value"]), -1, np.int32)
+                                     for p in parts]) for k in parts[0]}
+        if edges.positions == "summed" and edges.component and not edges.into:
+            merged["up_pos"] = merged["down_pos"] = None
+        order = np.argsort(merged["prompt_id"], kind="stable")
+        out["edges"] = edge_table({k: None if v is None else v[order] for k, v in merged.items()},
+                                  run_id)
     order = np.argsort(prompt_ids, kind="stable")
     sorted_chunk = [chunk[i] for i in order]
     metric, loss = res.metric.float().cpu().numpy()[order], res.loss.float().cpu().numpy()[order]
@@ -329,7 +351,11 @@ def edge_table(cols: dict, run_id: int) -> pa.Table:
     n = len(cols["value"])
     types = pa.array(NODE_TYPES)
     down_input = pa.array(cols["down_input"], mask=cols["down_input"] < 0)
-    pos = (lambda k: pa.nulls(n, pa.int32()) if cols[k] is None else pa.array(cols[k]))  # noqa: E731
+
+    def pos(k):  # NULL = summed over positions (component edges stored summed use -1 here)
+        if cols[k] is None:
+            return pa.nulls(n, pa.int32())
+        return pa.array(cols[k].astype(np.int32), mask=cols[k] < 0)
     return pa.table({
         "run_id": pa.array(np.full(n, run_id, dtype=np.int32)),
         "prompt_id": pa.array(cols["prompt_id"]),

@@ -112,10 +112,13 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
               help="Edges kept per prompt: top-k:N | threshold:X | dense.")
 @click.option("--edges-positions", type=click.Choice(["summed", "each"]), default="summed",
               show_default=True, help="Sum edges over positions or keep one per position.")
+@click.option("--edges-into", default=None, metavar="top:N",
+              help="Node-level edges into the N top act × grad nodes (neurons, head q/k/v) of "
+                   "each prompt; --edges-select then applies per traced node.")
 @click.option("--top", default=10, show_default=True, help="Attributions to print at the end.")
 def populate(prompts, db, model_path, scalars, all_scalars, target, select, batch_size, device,
              dtype, name, prepend_bos, detach_ln, resume, edges, edges_baseline, ig_steps,
-             edges_select, edges_positions, top) -> None:
+             edges_select, edges_positions, edges_into, top) -> None:
     """Run the model over PROMPTS (.txt or .jsonl) and load scalars into the warehouse."""
     from actwh.runner import (DEFAULT_SCALARS, DEFAULT_SELECTION, EdgeOptions, PopulateOptions,
                               populate as run)
@@ -131,7 +134,16 @@ def populate(prompts, db, model_path, scalars, all_scalars, target, select, batc
         if prompts is None:
             raise click.UsageError("give a PROMPTS file (the example prompts belong to the "
                                    "default model)")
-        edge_opts = EdgeOptions(edges_baseline, ig_steps, edges_select, edges_positions) if edges else None
+        into = 0
+        if edges_into is not None:
+            kind, _, n = edges_into.partition(":")
+            if kind != "top" or not n.isdigit() or int(n) < 1:
+                raise click.BadParameter("use top:N", param_hint="--edges-into")
+            into = int(n)
+        edge_opts = None
+        if edges or into:
+            edge_opts = EdgeOptions(edges_baseline, ig_steps, edges_select, edges_positions, into,
+                                    component=edges)
         opts = PopulateOptions(prompts, model_path, names, target, select or DEFAULT_SELECTION,
                                batch_size, device, dtype, name, prepend_bos, detach_ln, edge_opts)
     result = run(db, opts, resume=resume, on_wait=lambda msg: click.echo(msg, err=True))
