@@ -57,6 +57,7 @@ class PopulateOptions:
     prepend_bos: bool = False
     detach_ln: bool = False  # freeze every norm scale in the backward pass too
     edges: EdgeOptions | None = None  # None: no edges
+    saes: tuple[tuple[str, str | None], ...] = ()  # (folder, site override) to splice in
 
     def to_json(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -69,7 +70,8 @@ class PopulateOptions:
         edges = d.get("edges")
         if edges is not None:
             edges = EdgeOptions(**{k: v for k, v in edges.items() if k != "method"})
-        return cls(**{**d, "scalars": tuple(d["scalars"]), "edges": edges})
+        saes = tuple(tuple(x) for x in d.get("saes", ()))
+        return cls(**{**d, "scalars": tuple(d["scalars"]), "edges": edges, "saes": saes})
 
 
 @dataclass
@@ -187,6 +189,17 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
     if dtype is None:
         raise ActwhError(f"unknown dtype {opts.dtype!r}; valid: float32, bfloat16, float16, float64")
     loaded = load_model(opts.model, device=opts.device, dtype=dtype)
+    saes = []
+    if opts.saes:
+        from actwh.compute.sae import load_sae, splice
+
+        for folder, site in opts.saes:
+            sae = load_sae(folder, site)
+            splice(loaded.model, sae)
+            saes.append(sae)
+        saes.sort(key=lambda s: s.info.layer)
+    elif any(SCALARS[s].sae_level for s in scalars):
+        raise ActwhError("SAE scalars need an autoencoder: give --sae DIR")
     if opts.edges is not None:
         if opts.edges.baseline not in ("zero", "corrupt"):
             raise ActwhError(f"unknown edge baseline {opts.edges.baseline!r}; valid: zero, corrupt")
@@ -201,7 +214,8 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
     if model_arg is not None and os.path.isdir(model_arg):
         model_arg = os.path.abspath(model_arg)  # so --resume works from any directory
     opts = PopulateOptions(**{**opts.__dict__, "target": target.name, "model": model_arg,
-                              "prompts": os.path.abspath(opts.prompts)})
+                              "prompts": os.path.abspath(opts.prompts),
+                              "saes": tuple((os.path.abspath(f), site) for f, site in opts.saes)})
 
     writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), on_wait=on_wait)
     if resume is None:
@@ -216,6 +230,10 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
             selection=str(selection), code_version=__version__,
             device=str(loaded.model.device), dtype=opts.dtype, n_prompts=len(encoded),
             options=opts.to_json())
+        for sae in saes:
+            i = sae.info
+            writer.register_sae(model_id, dict(site=i.site, d_in=i.d_in, d_sae=i.d_sae, source=i.source,
+                                               weights_sha256=i.weights_sha256, config=i.config))
     else:
         run_id = resume
     done = writer.done_prompts(run_id)
@@ -263,7 +281,10 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
     batch = Batch(tokens, mask, ids("target"), ids("distractor"), positions)
     res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln)
     prompt_ids = np.array([e.prompt_id for e in chunk], dtype=np.int32)
-    cols = to_columns(res, scalars, selection, prompt_ids)
+    from actwh.compute.sae import spliced
+
+    sae_layers = tuple(s.info.layer for s in spliced(loaded.model))
+    cols = to_columns(res, scalars, selection, prompt_ids, sae_layers)
 
     def table(columns: dict[str, np.ndarray]) -> pa.Table:
         n_rows = len(columns["value"])

@@ -115,10 +115,14 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
 @click.option("--edges-into", default=None, metavar="top:N",
               help="Node-level edges into the N top act × grad nodes (neurons, head q/k/v) of "
                    "each prompt; --edges-select then applies per traced node.")
+@click.option("--sae", "sae_dirs", multiple=True, type=click.Path(), metavar="DIR",
+              help="Splice a sparse autoencoder (SAELens or OpenAI layout); repeatable.")
+@click.option("--sae-site", "sae_sites", multiple=True, metavar="SITE",
+              help="Hook site for the matching --sae (overrides its config); repeatable.")
 @click.option("--top", default=10, show_default=True, help="Attributions to print at the end.")
 def populate(prompts, db, model_path, scalars, all_scalars, target, select, batch_size, device,
              dtype, name, prepend_bos, detach_ln, resume, edges, edges_baseline, ig_steps,
-             edges_select, edges_positions, edges_into, top) -> None:
+             edges_select, edges_positions, edges_into, sae_dirs, sae_sites, top) -> None:
     """Run the model over PROMPTS (.txt or .jsonl) and load scalars into the warehouse."""
     from actwh.runner import (DEFAULT_SCALARS, DEFAULT_SELECTION, EdgeOptions, PopulateOptions,
                               populate as run)
@@ -127,7 +131,7 @@ def populate(prompts, db, model_path, scalars, all_scalars, target, select, batc
 
     opts = None
     if resume is None:
-        names = tuple(SCALARS) if all_scalars else (
+        names = tuple(n for n, s in SCALARS.items() if sae_dirs or not s.sae_level) if all_scalars else (
             tuple(s.strip() for s in scalars.split(",") if s.strip()) if scalars else DEFAULT_SCALARS)
         if prompts is None and model_path is None:
             prompts = str(default_prompts())
@@ -144,8 +148,12 @@ def populate(prompts, db, model_path, scalars, all_scalars, target, select, batc
         if edges or into:
             edge_opts = EdgeOptions(edges_baseline, ig_steps, edges_select, edges_positions, into,
                                     component=edges)
+        if len(sae_sites) > len(sae_dirs):
+            raise click.BadParameter("more --sae-site than --sae", param_hint="--sae-site")
+        saes = tuple((d, sae_sites[i] if i < len(sae_sites) else None) for i, d in enumerate(sae_dirs))
         opts = PopulateOptions(prompts, model_path, names, target, select or DEFAULT_SELECTION,
-                               batch_size, device, dtype, name, prepend_bos, detach_ln, edge_opts)
+                               batch_size, device, dtype, name, prepend_bos, detach_ln, edge_opts,
+                               saes)
     result = run(db, opts, resume=resume, on_wait=lambda msg: click.echo(msg, err=True))
     click.echo(f"run {result.run_id}: {result.status}, {result.n_written} prompts written "
                f"({result.rows['node_scalars']:,} node rows, {result.rows['pair_scalars']:,} pair "

@@ -48,12 +48,19 @@ class ModelConfig:
 
 
 class HookPoint(nn.Module):
-    """Identity; a place to attach forward and backward hooks. `name` is the full module path."""
+    """Identity; a place to attach forward and backward hooks. `name` is the full module path.
+
+    A sparse autoencoder spliced here (compute/sae.py) becomes its child `sae`, and the site's
+    value becomes the autoencoder's exact reconstruction (latents + error)."""
 
     name: str = ""
 
+    def __init__(self):
+        super().__init__()
+        self.sae = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x if self.sae is None else self.sae(x)
 
 
 class Norm(nn.Module):
@@ -198,12 +205,16 @@ class HookedTransformer(nn.Module):
         self.ln_final = Norm(cfg)
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        self.index_hook_points()
+        self.requires_grad_(False)
+
+    def index_hook_points(self) -> None:
+        """Name every HookPoint by its module path (again after an SAE is spliced in)."""
         self.hook_points: dict[str, HookPoint] = {}
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
                 module.name = name
                 self.hook_points[name] = module
-        self.requires_grad_(False)
 
     @property
     def device(self) -> torch.device:
@@ -301,7 +312,8 @@ class HookedTransformer(nn.Module):
         grads: dict[str, torch.Tensor] = {}
         if backward_of is not None:
             live = [n for n in grad_names if kept[n].requires_grad]
-            found = torch.autograd.grad(metric, [kept[n] for n in live], allow_unused=True)
+            found = torch.autograd.grad(metric, [kept[n] for n in live], allow_unused=True) \
+                if live else ()
             for name in grad_names:
                 g = found[live.index(name)] if name in live else None
                 grads[name] = torch.zeros_like(kept[name]) if g is None else g

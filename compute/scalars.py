@@ -79,6 +79,7 @@ class Scalar:
     needs: tuple[tuple[str, str], ...]  # (site, "fwd" | "bwd"); `{L}` = each layer; FINAL_GRAD
     fn: Callable[[Ctx, int], torch.Tensor]  # (ctx, layer) -> tensor of `kind`'s shape
     embed_level: bool = False  # one value per position at layer -1 instead of one per block
+    sae_level: bool = False  # one slot per spliced autoencoder (its layer) instead of per block
     token_form: bool = True  # pair scalars: also stored per query position, summed over keys
 
 
@@ -147,9 +148,46 @@ SCALARS: dict[str, Scalar] = {s.name: s for s in [
            embed_level=True),
 ]}
 
+def _sae(c: Ctx, slot: int):
+    from actwh.compute.sae import spliced
+
+    return spliced(c.model)[slot]
+
+
+LATENTS = "{S}.sae.hook_latents"
+ERROR = "{S}.sae.hook_error"
+
+
+def _latents(c: Ctx, slot: int) -> torch.Tensor:
+    return c.cache.acts[LATENTS.format(S=_sae(c, slot).info.site)]
+
+
+SAE_SCALARS = [
+    Scalar("sae_latent_act", "sae_latent", "token", "sparse autoencoder latent activation",
+           ((LATENTS, "fwd"),), _latents, sae_level=True),
+    Scalar("sae_write_norm", "sae_latent", "token",
+           "norm of the latent's write: |act| · ||W_dec row||", ((LATENTS, "fwd"),),
+           lambda c, i: _latents(c, i).abs() * _sae(c, i).W_dec.norm(dim=-1), sae_level=True),
+    Scalar("sae_direct_effect", "sae_latent", "token",
+           "latent write · final-residual target gradient (final norm scale frozen)",
+           ((LATENTS, "fwd"), *FINAL),
+           lambda c, i: _latents(c, i) * (c.g_final() @ _sae(c, i).W_dec.T), sae_level=True),
+    Scalar("sae_act_times_grad", "sae_latent", "token", "latent activation × ∂target/∂activation",
+           ((LATENTS, "fwd"), (LATENTS, "bwd")),
+           lambda c, i: _latents(c, i) * c.cache.grads[LATENTS.format(S=_sae(c, i).info.site)],
+           sae_level=True),
+    Scalar("sae_error_act_times_grad", "sae_error", "token",
+           "the autoencoder's error (x − reconstruction) · ∂target/∂error",
+           ((ERROR, "fwd"), (ERROR, "bwd")),
+           lambda c, i: _dot(c.cache.acts[ERROR.format(S=_sae(c, i).info.site)],
+                             c.cache.grads[ERROR.format(S=_sae(c, i).info.site)]), sae_level=True),
+]
+SCALARS.update({s.name: s for s in SAE_SCALARS})
+
 # How nodes of each type are ranked when a selection names another type's scalar.
 RANKING = {"mlp_neuron": "mlp_act_times_grad", "attn_head": "attn_act_times_grad",
-           "mlp": "mlp_layer_act_times_grad", "embed": "token_attribution"}
+           "mlp": "mlp_layer_act_times_grad", "embed": "token_attribution",
+           "sae_latent": "sae_act_times_grad", "sae_error": "sae_error_act_times_grad"}
 
 
 def get_scalar(name: str) -> Scalar:
@@ -176,9 +214,14 @@ class Plan:
                 if (site, kind) == FINAL_GRAD:
                     final = True
                     continue
-                layers = range(model.cfg.n_layers) if "{L}" in site else [None]
-                for L in layers:
-                    name = site.format(L=L)
+                if "{S}" in site:
+                    from actwh.compute.sae import spliced
+
+                    names = [site.format(S=sae.info.site) for sae in spliced(model)]
+                else:
+                    layers = range(model.cfg.n_layers) if "{L}" in site else [None]
+                    names = [site.format(L=L) for L in layers]
+                for name in names:
                     if name in OPTIONAL_SITES and name not in model.hook_points:
                         continue
                     (fwd if kind == "fwd" else bwd).add(name)
@@ -220,6 +263,13 @@ def compute_scalars(model: HookedTransformer, batch: Batch, target: str | Target
             s = SCALARS[name]
             if s.embed_level:
                 token[name] = s.fn(ctx, -1)[:, :, None, :]
+                continue
+            if s.sae_level:
+                from actwh.compute.sae import spliced
+
+                n_saes = len(spliced(model))
+                if n_saes:
+                    token[name] = torch.stack([s.fn(ctx, i) for i in range(n_saes)], dim=2)
                 continue
             per_layer = torch.stack([s.fn(ctx, L) for L in range(model.cfg.n_layers)], dim=1)
             if s.kind == "pair":

@@ -68,7 +68,7 @@ class Columns:
 
 def _keep_mask(rank: torch.Tensor, real: torch.Tensor, sel: Selection) -> torch.Tensor:
     """rank [b, p, L, n] -> bool [b, p, L, n] of kept nodes (never at pad positions)."""
-    score = rank.abs().masked_fill(~real[:, :, None, None], -1.0)
+    score = rank.abs().masked_fill(~real[:, :, None, None] | rank.isnan(), -1.0)
     if sel.mode == "dense":
         return score >= 0
     if sel.mode == "threshold":
@@ -81,7 +81,9 @@ def _keep_mask(rank: torch.Tensor, real: torch.Tensor, sel: Selection) -> torch.
     return keep.view_as(score)
 
 
-def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids) -> Columns:
+def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
+               sae_layers: tuple[int, ...] = ()) -> Columns:
+    """sae_layers: the layer of each spliced autoencoder, in slot order."""
     real = res.mask.bool()
     b, p = real.shape
     offset = real.long().argmax(-1)  # first real token: positions count from it (left padding)
@@ -94,10 +96,18 @@ def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids) -> Col
         if name not in res.token:
             continue
         if s.node_type not in keeps:
-            keeps[s.node_type] = _keep_mask(res.token[sel.ranking_for(s.node_type)], real, sel)
+            rank = res.token[sel.ranking_for(s.node_type)]
+            if s.node_type == "sae_latent":  # only active latents are candidates (act × grad = 0 else)
+                rank = rank.masked_fill(rank == 0, float("nan"))
+            keeps[s.node_type] = _keep_mask(rank, real, sel)
         keep = keeps[s.node_type]
         bi, pi, li, ni = keep.nonzero(as_tuple=True)
-        layer = li - 1 if s.embed_level else li
+        if s.embed_level:
+            layer = li - 1
+        elif s.sae_level:
+            layer = torch.as_tensor(sae_layers, device=li.device, dtype=li.dtype)[li]
+        else:
+            layer = li
         node_parts.append(dict(
             prompt_id=pids[bi], position=pi - offset[bi], layer=layer,
             node_type=torch.full_like(bi, NODE_TYPES.index(s.node_type)), node_index=ni,

@@ -248,6 +248,21 @@ class WarehouseWriter:
                         {**info, "id": model_id, "config": json.dumps(info["config"])})
             return model_id
 
+    def register_sae(self, model_id: int, info: dict) -> int:
+        """The autoencoder's id, adding a row the first time these weights are seen at this site."""
+        with self.transaction() as con:
+            row = con.execute("SELECT sae_id FROM saes WHERE weights_sha256 = $sha AND site = $site "
+                              "AND model_id = $model",
+                              {"sha": info["weights_sha256"], "site": info["site"],
+                               "model": model_id}).fetchone()
+            if row:
+                return row[0]
+            sae_id = con.execute("SELECT coalesce(max(sae_id), 0) + 1 FROM saes").fetchone()[0]
+            con.execute("INSERT INTO saes VALUES ($id, $model, $site, $d_in, $d_sae, $source, "
+                        "$weights_sha256, $config)",
+                        {**info, "id": sae_id, "model": model_id, "config": json.dumps(info["config"])})
+            return sae_id
+
     def create_run(self, model_id: int, **run) -> int:
         with self.transaction() as con:
             run_id = con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()[0]

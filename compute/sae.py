@@ -1,0 +1,194 @@
+"""Sparse autoencoders spliced into the hooked model, exactly: latents plus an error node.
+
+At a spliced site the value x becomes decode(latents) + error with error = x − decode(encode(x)),
+so logits do not change. The error is computed from the unhooked latents, which makes latents
+and error separate nodes: a hook that edits latents changes the output by exactly the change in
+their decoding, ∂out/∂latents = W_dec, ∂out/∂error = I, and the gradient reaching x is the
+model's own (the encoder reads a detached x; edges into latents use the encoder analytically).
+New hook sites: `<site>.sae.hook_latents` [batch, pos, d_sae], `<site>.sae.hook_error`
+[batch, pos, d_in].
+
+Layouts read: SAELens (`cfg.json` + `sae_weights.safetensors`: W_enc [d_in, d_sae], b_enc,
+W_dec [d_sae, d_in], b_dec, `threshold` for JumpReLU; `hook_name` top-level or under
+`metadata`; `apply_b_dec_to_input`) and OpenAI's sparse_autoencoder (a `.pt` state dict with
+pre_bias, encoder.weight [d_sae, d_in], latent_bias, decoder.weight [d_in, d_sae]; TopK).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from actwh.compute.model import HookedTransformer, HookPoint
+from actwh.errors import SAEError
+
+ACTIVATIONS = ("relu", "topk", "jumprelu")
+SITE_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|"
+                     r"hook_mlp_out)$")
+
+
+@dataclass(frozen=True)
+class SAEInfo:
+    site: str  # the hook site it reads and replaces
+    d_in: int
+    d_sae: int
+    activation: str  # relu | topk | jumprelu
+    k: int | None  # for topk
+    apply_b_dec_to_input: bool
+    source: str
+    weights_sha256: str
+    config: dict = field(repr=False)
+
+    @property
+    def layer(self) -> int:
+        return int(SITE_RE.match(self.site).group(1))
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, info: SAEInfo, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.info = info
+        self.W_enc = nn.Parameter(weights["W_enc"])  # [d_in, d_sae]
+        self.b_enc = nn.Parameter(weights["b_enc"])  # [d_sae]
+        self.W_dec = nn.Parameter(weights["W_dec"])  # [d_sae, d_in]
+        self.b_dec = nn.Parameter(weights["b_dec"])  # [d_in]
+        self.threshold = nn.Parameter(weights.get("threshold", torch.zeros_like(weights["b_enc"])))
+        self.hook_latents = HookPoint()  # [batch, pos, d_sae]
+        self.hook_error = HookPoint()  # [batch, pos, d_in]
+        self.requires_grad_(False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.info.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre = x @ self.W_enc + self.b_enc
+        if self.info.activation == "relu":
+            return pre.relu()
+        if self.info.activation == "jumprelu":
+            return pre.relu() * (pre > self.threshold)
+        top = pre.topk(self.info.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        latents = self.encode(x.detach())
+        if torch.is_grad_enabled():
+            latents.requires_grad_(True)  # a node of its own: the gradient stops here
+        error = self.hook_error(x - self.decode(latents).detach())
+        return self.decode(self.hook_latents(latents)) + error
+
+
+def _sha256(files) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def load_sae(folder: str | Path, site: str | None = None) -> SparseAutoencoder:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SAEError(f"SAE folder {folder} not found")
+    if (folder / "cfg.json").exists():
+        return _load_saelens(folder, site)
+    pts = sorted(folder.glob("*.pt"))
+    if pts:
+        return _load_openai(folder, pts[0], site)
+    raise SAEError(f"{folder} holds neither cfg.json + sae_weights.safetensors (SAELens) nor a "
+                   ".pt state dict (OpenAI sparse_autoencoder)")
+
+
+def _load_saelens(folder: Path, site: str | None) -> SparseAutoencoder:
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "cfg.json").read_text())
+    weights_file = folder / "sae_weights.safetensors"
+    if not weights_file.exists():
+        raise SAEError(f"{folder} has cfg.json but no sae_weights.safetensors")
+    w = load_file(weights_file)
+    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(w)
+    if missing:
+        raise SAEError(f"{weights_file} lacks {sorted(missing)}")
+    arch = cfg.get("architecture", "standard")
+    activation = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(
+        arch if arch != "standard" else cfg.get("activation_fn_str", cfg.get("activation_fn", "relu")))
+    if activation is None:
+        raise SAEError(f"{folder}: unknown SAE activation/architecture {arch!r}; "
+                       f"supported: {', '.join(ACTIVATIONS)}")
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))
+    if activation == "topk" and not k:
+        raise SAEError(f"{folder}: a topk SAE needs k in cfg.json")
+    if activation == "jumprelu" and "threshold" not in w:
+        raise SAEError(f"{weights_file}: a jumprelu SAE needs a threshold tensor")
+    hook = site or cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+    info = SAEInfo(_check_site(hook, folder), w["W_enc"].shape[0], w["W_enc"].shape[1], activation,
+                   int(k) if k else None, bool(cfg.get("apply_b_dec_to_input", False)), str(folder),
+                   _sha256([folder / "cfg.json", weights_file]), cfg)
+    return SparseAutoencoder(info, _check_shapes(w, folder))
+
+
+def _load_openai(folder: Path, pt: Path, site: str | None) -> SparseAutoencoder:
+    state = torch.load(pt, map_location="cpu", weights_only=True)
+    need = {"pre_bias", "encoder.weight", "latent_bias", "decoder.weight"}
+    if not isinstance(state, dict) or need - set(state):
+        raise SAEError(f"{pt} is not an OpenAI sparse_autoencoder state dict (needs {sorted(need)})")
+    act = state.get("activation", "TopK")
+    if str(act).lower() not in ("topk", "relu"):
+        raise SAEError(f"{pt}: unknown activation {act!r}; supported: TopK, ReLU")
+    k = (state.get("activation_state_dict") or {}).get("k")
+    k = int(k.item() if torch.is_tensor(k) else k) if k is not None else None
+    if str(act).lower() == "topk" and not k:
+        raise SAEError(f"{pt}: a TopK autoencoder needs activation_state_dict.k")
+    w = {"W_enc": state["encoder.weight"].T.contiguous(), "b_enc": state["latent_bias"],
+         "W_dec": state["decoder.weight"].T.contiguous(), "b_dec": state["pre_bias"]}
+    info = SAEInfo(_check_site(site, folder), w["W_enc"].shape[0], w["W_enc"].shape[1],
+                   str(act).lower(), k, True, str(folder), _sha256([pt]),
+                   {"layout": "openai", "activation": str(act), "k": k})
+    return SparseAutoencoder(info, _check_shapes(w, folder))
+
+
+def _check_site(site: str | None, folder: Path) -> str:
+    if not site:
+        raise SAEError(f"{folder}: no hook_name in the SAE's config; give --sae-site")
+    if not SITE_RE.match(site):
+        raise SAEError(f"{folder}: cannot splice at {site!r}; sites: blocks.L.hook_resid_pre|"
+                       "hook_resid_mid|hook_resid_post|hook_attn_out|hook_mlp_out")
+    return site
+
+
+def _check_shapes(w: dict, folder: Path) -> dict:
+    d_in, d_sae = w["W_enc"].shape
+    want = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for name, shape in want.items():
+        if tuple(w[name].shape) != shape:
+            raise SAEError(f"{folder}: {name} has shape {tuple(w[name].shape)}, expected {shape} "
+                           f"for W_enc {tuple(w['W_enc'].shape)}")
+    return {k: v.float() for k, v in w.items()}
+
+
+def splice(model: HookedTransformer, sae: SparseAutoencoder) -> None:
+    """Replace the site's value by latents + error (exact), adding the SAE's hook sites."""
+    site = sae.info.site
+    if site not in model.hook_points:
+        raise SAEError(f"{site!r} is not a hook site of this model ({model.cfg.n_layers} layers)")
+    if sae.info.d_in != model.cfg.d_model:
+        raise SAEError(f"SAE {sae.info.source} reads {sae.info.d_in} dims but {site} has "
+                       f"{model.cfg.d_model}")
+    if any(s.info.layer == sae.info.layer for s in spliced(model)):
+        raise SAEError(f"an SAE is already spliced in layer {sae.info.layer}: one per layer")
+    hp = model.hook_points[site]
+    hp.sae = sae.to(device=model.device, dtype=model.W_E.dtype)
+    model.index_hook_points()
+
+
+def spliced(model: HookedTransformer) -> list[SparseAutoencoder]:
+    """The spliced autoencoders, by layer."""
+    saes = [hp.sae for hp in model.hook_points.values() if getattr(hp, "sae", None) is not None]
+    return sorted(saes, key=lambda s: s.info.layer)
