@@ -107,3 +107,17 @@ def test_previous_token_head_feeds_the_induction_heads_key(tmp_path):
             run=run, L=L_i, h=h_i)
     ranked = [(r["up_layer"], r["up_type"], r["up_index"], r["inp"]) for r in into.iter_rows(named=True)]
     assert (L_p, "attn_head", h_p, "k") in ranked[:5], ranked[:8]
+
+
+def test_quickstart_populate_with_no_arguments(tmp_path, monkeypatch):
+    """The README's first command: `actwh populate` on the default model and its IOI prompts."""
+    from click.testing import CliRunner
+
+    from actwh.cli.main import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ACTWH_DB", raising=False)
+    r = CliRunner().invoke(cli, ["populate"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "actwh.duckdb").exists()
+    assert "node_label" in r.output and "mlp_neuron" in r.output

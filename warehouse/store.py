@@ -104,20 +104,20 @@ class Warehouse:
         finally:
             con.close()
 
-    def sql(self, query: str, **params):
-        """Run one statement with bound `$name` parameters; the result as a Polars DataFrame."""
+    def _fetch(self, query: str, params: dict, materialise):
         with self.connection() as con:
             try:
-                return con.sql(query, params=params or None).pl()
+                return materialise(con.sql(query, params=params or None))
             except duckdb.Error as e:
                 raise WarehouseError(str(e).splitlines()[0]) from None
 
+    def sql(self, query: str, **params):
+        """Run one statement with bound `$name` parameters; the result as a Polars DataFrame."""
+        return self._fetch(query, params, lambda rel: rel.pl())
+
     def arrow(self, query: str, **params) -> pa.Table:
-        with self.connection() as con:
-            try:
-                return con.sql(query, params=params or None).fetch_arrow_table()
-            except duckdb.Error as e:
-                raise WarehouseError(str(e).splitlines()[0]) from None
+        """The same, as an Arrow table."""
+        return self._fetch(query, params, lambda rel: rel.fetch_arrow_table())
 
     def relation(self, query: str, **params) -> duckdb.DuckDBPyRelation:
         """A lazy DuckDB relation; holds a read-only connection until `close()`."""

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Every benchmark in one go (one JSON line per figure), e.g. on a lent GPU machine:
+#   bash benchmarks/run_all.sh | tee benchmarks/latest.jsonl
+set -euo pipefail
+cd "$(dirname "$0")"
+PY="${PYTHON:-python}"
+"$PY" bench_compute.py
+"$PY" bench_peers.py
+"$PY" bench_edges.py
+"$PY" bench_loading.py
+"$PY" bench_queries.py
+"$PY" bench_populate.py
