@@ -70,10 +70,14 @@ def wh_path(tmp_path_factory, gpt2_dir):
 @pytest.fixture(scope="module")
 def tables(wh_path):
     con = duckdb.connect(str(wh_path), read_only=True)
-    out = {t: con.sql(f"SELECT * FROM {t}").pl().with_columns(  # noqa: S608 (fixed table names)
-        [pl.col(c).cast(pl.String) for c in ("node_type", "scalar", "up_type", "down_type",
-                                              "down_input") if c in con.sql(f"SELECT * FROM {t}").columns])
-        for t in ("node_scalars", "pair_scalars", "tokens", "edges", "prompts")}
+    queries = {"node_scalars": "SELECT * FROM node_scalars", "pair_scalars": "SELECT * FROM pair_scalars",
+               "tokens": "SELECT * FROM tokens", "edges": "SELECT * FROM edges",
+               "prompts": "SELECT * FROM prompts"}
+    out = {}
+    for t, sql in queries.items():
+        df = con.sql(sql).pl()
+        enums = [c for c in ("node_type", "scalar", "up_type", "down_type", "down_input") if c in df.columns]
+        out[t] = df.with_columns([pl.col(c).cast(pl.String) for c in enums])
     con.close()
     return out
 

@@ -1,5 +1,5 @@
 """Measure the shipped default model with actwh itself and write its model card:
-`python -m actwh.compute.default_model.card`.
+`python -m actwh.model_card`.
 
 Held-out accuracy comes from the training script's own evaluation on a fresh seeded sample;
 the heads come from a warehouse that `populate` fills over the example prompts: the induction
