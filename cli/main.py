@@ -159,14 +159,11 @@ def populate(prompts, db, model_path, scalars, all_scalars, target, select, batc
                f"({result.rows['node_scalars']:,} node rows, {result.rows['pair_scalars']:,} pair "
                f"rows) in {result.seconds:.1f}s -> {db}", err=True)
     if top:
-        from actwh.compute.selection import Selection
         from actwh.queries.loader import Queries
         from actwh.warehouse.store import Warehouse
 
-        sel = Selection.parse(select or DEFAULT_SELECTION) if resume is None else None
-        scalar = sel.scalar if sel is not None and sel.scalar else "mlp_act_times_grad"
         with Warehouse(db) as wh:
-            render(Queries()["run_top_nodes"](wh, run=result.run_id, scalar=scalar, k=top), "table")
+            render(Queries()["run_top_attributions"](wh, run=result.run_id, k=top), "table")
 
 
 @cli.command()

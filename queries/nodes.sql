@@ -35,3 +35,22 @@ FROM nodes
 WHERE run_id = $run AND layer = $layer AND node_type = $node_type AND node_index = $node_index
   AND scalar = $scalar
 ORDER BY prompt_id, position;
+
+-- name: run_top_attributions
+-- The run's most important nodes of every type by act × grad: |value| summed over positions per prompt, averaged over all the run's prompts.
+-- params: run, k = 10
+WITH per_prompt AS (
+    SELECT prompt_id, layer, node_type, node_index, scalar, sum(value) AS value
+    FROM node_scalars
+    WHERE run_id = $run AND scalar IN ('mlp_act_times_grad', 'attn_act_times_grad',
+        'token_attribution', 'mlp_layer_act_times_grad', 'attn_head_act_times_grad',
+        'sae_act_times_grad', 'sae_error_act_times_grad')
+    GROUP BY ALL
+)
+SELECT node_label(layer, node_type, node_index) AS node_label, node_type, scalar,
+       sum(abs(value)) / (SELECT n_prompts FROM runs WHERE run_id = $run) AS mean_abs,
+       avg(value) AS mean_when_kept, count(*) AS n_prompts
+FROM per_prompt
+GROUP BY layer, node_type, node_index, scalar
+ORDER BY mean_abs DESC, layer, node_index
+LIMIT $k;

@@ -337,3 +337,14 @@ def test_cli_query_errors_are_one_line_and_circuit_writes_dot(wh_path, tmp_path)
     assert dot.read_text().startswith("digraph circuit")
     r = runner.invoke(cli, ["queries"])
     assert r.exit_code == 0 and "induction_heads(run" in r.output
+
+
+def test_run_top_attributions(wh_path, tables):
+    got = Queries()["run_top_attributions"](Warehouse(wh_path), run=1, k=1000)
+    n = tables["node_scalars"].filter((pl.col("run_id") == 1) & pl.col("scalar").str.contains("times_grad|token_attr"))
+    per = n.group_by("prompt_id", "layer", "node_type", "node_index", "scalar").agg(pl.col("value").sum())
+    want = per.group_by("layer", "node_type", "node_index", "scalar").agg(
+        mean_abs=pl.col("value").abs().sum() / 6, n=pl.len())
+    assert got.height == want.height
+    assert np.allclose(sorted(got["mean_abs"]), sorted(want["mean_abs"]), rtol=1e-6)
+    assert got["mean_abs"].to_list() == sorted(got["mean_abs"].to_list(), reverse=True)
