@@ -51,14 +51,6 @@ def downstream_nodes(model: HookedTransformer) -> list[Node]:
     return nodes + [Node(cfg.n_layers, "logit", 0)]
 
 
-def is_upstream(u: Node, v: Node, parallel: bool) -> bool:
-    if u.layer < v.layer:
-        return True
-    # Within a layer only attention feeds the MLP, and not in parallel blocks.
-    return (u.layer == v.layer and u.node_type == "attn_head" and v.node_type == "mlp"
-            and not parallel)
-
-
 @dataclass
 class EdgeResults:
     values: torch.Tensor  # [batch, pos, U, V] (positions "each") or [batch, U, V] ("summed")
@@ -108,8 +100,9 @@ def upstream_outputs(model: HookedTransformer, acts) -> torch.Tensor:
     return torch.stack(outs, dim=2)
 
 
-def downstream_grads(model: HookedTransformer, acts, grads, last: str) -> torch.Tensor:
-    """∂metric/∂in_v for every downstream node v. [batch, pos, V, d_model]"""
+def downstream_grads(model: HookedTransformer, acts, grads, last: str) -> list[torch.Tensor]:
+    """∂metric/∂in_v for the downstream nodes, one [batch, pos, n, d_model] tensor per group
+    (each layer's q, k, v heads and its MLP, then the target), in `downstream_nodes` order."""
     out = []
     for L, block in enumerate(model.blocks):
         p = f"blocks.{L}."
@@ -123,20 +116,26 @@ def downstream_grads(model: HookedTransformer, acts, grads, last: str) -> torch.
                          grads[p + "ln2.hook_normalized"])
         out.append(g_mlp[:, :, None, :])
     out.append(grads[last][:, :, None, :])
-    return torch.cat(out, dim=2)
+    return out
 
 
-def downstream_inputs(model: HookedTransformer, acts, last: str) -> torch.Tensor:
-    """in_v, the residual stream each downstream node reads. [batch, pos, V, d_model]"""
+def group_layout(model: HookedTransformer, acts, last: str):
+    """Per downstream group: its input residual stream [b, p, 1, d], how many upstream nodes
+    (a prefix of `upstream_nodes`) feed it, and how many attention layers lie upstream."""
     cfg = model.cfg
+    per_layer = cfg.n_heads + 1
     out = []
     for L in range(cfg.n_layers):
         p = f"blocks.{L}."
         pre = acts[p + "hook_resid_pre"][:, :, None, :]
-        out.append(pre.expand(-1, -1, cfg.n_heads + 2 * cfg.n_kv_heads, -1))
-        out.append(pre if cfg.parallel else acts[p + "hook_resid_mid"][:, :, None, :])
-    out.append(acts[last][:, :, None, :])
-    return torch.cat(out, dim=2)
+        for _ in "qkv":
+            out.append((pre, 1 + L * per_layer, L))
+        if cfg.parallel:
+            out.append((pre, 1 + L * per_layer, L))
+        else:
+            out.append((acts[p + "hook_resid_mid"][:, :, None, :], 1 + L * per_layer + cfg.n_heads, L + 1))
+    out.append((acts[last][:, :, None, :], 1 + cfg.n_layers * per_layer, cfg.n_layers))
+    return out
 
 
 def component_edges(model: HookedTransformer, batch: Batch, target: str | Target,
@@ -172,7 +171,7 @@ def component_edges(model: HookedTransformer, batch: Batch, target: str | Target
         embed_names = [n for n in ("hook_embed", "hook_pos_embed") if n in model.hook_points]
         clean_e = {n: clean.acts[n] for n in embed_names}
         bad_e = {n: bad.acts[n] for n in embed_names}
-        g_sum = None
+        groups = None
         for k in range(ig_steps):
             alpha = k / ig_steps
             hooks = [(n, lambda t, n, a=alpha: bad_e[n] + a * (clean_e[n] - bad_e[n]))
@@ -180,29 +179,43 @@ def component_edges(model: HookedTransformer, batch: Batch, target: str | Target
             step = model.run_with_cache(batch.tokens, fwd, attention_mask=batch.mask,
                                         backward_of=metric_fn, grad_names=bwd, fwd_hooks=hooks)
             g = downstream_grads(model, step.acts, step.grads, last)
-            g_sum = g if g_sum is None else g_sum + g
-        g = g_sum / ig_steps
+            groups = g if groups is None else [a + b for a, b in zip(groups, g)]
+        groups = [g / ig_steps for g in groups]
     else:
-        g = downstream_grads(model, clean.acts, clean.grads, last)
-    x = downstream_inputs(model, clean.acts, last)
-    real = batch.mask.to(g.dtype)[:, :, None, None]
-    g = g * real
+        groups = downstream_grads(model, clean.acts, clean.grads, last)
     up, down = upstream_nodes(model), downstream_nodes(model)
-    allowed = torch.tensor([[is_upstream(u, v, model.cfg.parallel) for v in down] for u in up],
-                           device=g.device)
+    b, n_pos = batch.tokens.shape
+    U, V = len(up), len(down)
+    real = batch.mask.to(out.dtype)[:, :, None, None]
+    # Attention output biases are bias terms: the running sum over layers feeds each group.
+    b_O = torch.cumsum(torch.stack([torch.zeros_like(model.blocks[0].attn.b_O)]
+                                   + [blk.attn.b_O for blk in model.blocks]), 0)
+    shape = (b, n_pos, U, V) if positions == "each" else (b, U, V)
+    values = out.new_zeros(shape)
+    allowed = torch.zeros(U, V, dtype=torch.bool, device=out.device)
+    bias, in_dot_grad = out.new_zeros(b, n_pos, V), out.new_zeros(b, n_pos, V)
+    col = 0
+    d = out.shape[-1]
     with torch.no_grad():
+        # Layouts in which every group's upstream prefix is a strided view, so each product is
+        # one batched matmul with no copy of the (large) upstream outputs.
         if positions == "each":
-            values = torch.einsum("bpud,bpvd->bpuv", out, g) * allowed
+            ups = out.reshape(b * n_pos, U, d)
         else:
-            values = torch.einsum("bpud,bpvd->buv", out, g) * allowed
-        # Bias terms: attention output biases of every layer upstream of v.
-        b_O = torch.stack([blk.attn.b_O for blk in model.blocks])  # [L, d]
-        layer_of = torch.tensor([v.layer for v in down], device=g.device)
-        attn_before = (torch.arange(model.cfg.n_layers, device=g.device)[:, None] < layer_of[None, :])
-        same_layer_mlp = (torch.arange(model.cfg.n_layers, device=g.device)[:, None] == layer_of[None, :]) & \
-            torch.tensor([v.node_type == "mlp" and not model.cfg.parallel for v in down], device=g.device)
-        bias = torch.einsum("ld,bpvd,lv->bpv", b_O, g, (attn_before | same_layer_mlp).to(g.dtype))
-        in_dot_grad = (x * g).sum(-1)
+            ups = out.permute(0, 2, 1, 3).reshape(b, U, n_pos * d)
+        for g, (x, n_up, n_attn) in zip(groups, group_layout(model, clean.acts, last)):
+            g = g * real
+            n = g.shape[2]
+            cols = slice(col, col + n)
+            if positions == "each":
+                prod = ups[:, :n_up] @ g.reshape(b * n_pos, n, d).transpose(1, 2)
+                values[:, :, :n_up, cols] = prod.view(b, n_pos, n_up, n)
+            else:
+                values[:, :n_up, cols] = ups[:, :n_up] @ g.permute(0, 1, 3, 2).reshape(b, n_pos * d, n)
+            allowed[:n_up, cols] = True
+            bias[:, :, cols] = g @ b_O[n_attn]
+            in_dot_grad[:, :, cols] = (x * g).sum(-1)
+            col += n
     return EdgeResults(values, up, down, allowed, bias, in_dot_grad,
                        target.metric(clean.logits, batch), corrupt_metric)
 
