@@ -1,6 +1,8 @@
-"""Peers: act × grad for every neuron and every head's attention (the same node scalars) with
-actwh and with TransformerLens 4.3 (`TransformerBridge` caching forward and backward hooks, then
-the products a researcher would write), on the same checkpoint and batch.
+"""Peers: act × grad for every neuron and every head (the same node scalars: neuron activation ×
+its gradient; head output · gradient = z · ∂metric/∂z summed over d_head) with actwh, with
+TransformerLens 4.3 (`TransformerBridge` caching forward and backward hooks, then the products
+a researcher would write) and with nnsight 0.8 (a trace saving values and gradients), on the
+same checkpoint and batch.
 
     pip install -e '.[bench]'; python benchmarks/bench_peers.py [--batch 4] [--seq 128]
 """
@@ -15,7 +17,7 @@ import torch
 
 from common import emit, gpt2_small_shaped, timeit
 
-SCALARS = ("mlp_act_times_grad", "attn_act_times_grad")
+SCALARS = ("mlp_act_times_grad", "attn_head_act_times_grad")
 
 
 def main() -> None:
@@ -24,7 +26,6 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     args = ap.parse_args()
     try:
-        import transformer_lens
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
         print('{"name": "peers", "skipped": "transformer-lens not installed (pip install -e .[bench])"}')
@@ -46,27 +47,55 @@ def main() -> None:
 
     bridge = TransformerBridge.boot_transformers(str(folder), tokenizer=AutoTokenizer.from_pretrained(folder))
     bridge.to(device)
-    names = {f"blocks.{L}.{s}" for L in range(cfg.n_layers) for s in ("mlp.hook_post", "attn.hook_pattern")}
+    names = {f"blocks.{L}.{s}" for L in range(cfg.n_layers) for s in ("mlp.hook_post", "attn.hook_z")}
     t = tokens.to(device)
     rows = torch.arange(args.batch, device=device)
 
+    def metric(logits):
+        return (logits[rows, -1, t[:, -1]] - logits[rows, -1, t[:, -2]]).sum()
+
     def tl_step():
         cache = bridge.add_caching_hooks(lambda n: n in names, incl_bwd=True)
-        logits = bridge(t)
-        (logits[rows, -1, t[:, -1]] - logits[rows, -1, t[:, -2]]).sum().backward()
+        metric(bridge(t)).backward()
         bridge.reset_hooks()
         mlp = torch.stack([cache[f"blocks.{L}.mlp.hook_post"] * cache[f"blocks.{L}.mlp.hook_post_grad"]
                            for L in range(cfg.n_layers)])
-        attn = torch.stack([(cache[f"blocks.{L}.attn.hook_pattern"] *
-                             cache[f"blocks.{L}.attn.hook_pattern_grad"]).sum(-1)
-                            for L in range(cfg.n_layers)])
-        return mlp, attn
+        heads = torch.stack([(cache[f"blocks.{L}.attn.hook_z"] * cache[f"blocks.{L}.attn.hook_z_grad"]).sum(-1)
+                             for L in range(cfg.n_layers)])
+        return mlp, heads
 
-    theirs = timeit(tl_step)
     from importlib.metadata import version
 
+    common = dict(device=device, model="gpt2-small-shaped-random", batch=args.batch, seq=args.seq)
     emit("act_times_grad_all_nodes", ours, "s/batch", f"transformer_lens_{version('transformer-lens')}",
-         theirs, device=device, model="gpt2-small-shaped-random", batch=args.batch, seq=args.seq)
+         timeit(tl_step), **common)
+    del bridge
+    try:
+        from nnsight import LanguageModel
+    except ImportError:
+        return
+    import transformers as T
+
+    lm = LanguageModel(T.AutoModelForCausalLM.from_pretrained(folder).to(device),
+                       tokenizer=AutoTokenizer.from_pretrained(folder))
+    h = cfg.n_heads
+
+    def nnsight_step():
+        zs, posts, gz, gp = [], [], {}, {}
+        with lm.trace(t):
+            for L in range(cfg.n_layers):
+                zs.append(lm.transformer.h[L].attn.c_proj.input.save())
+                posts.append(lm.transformer.h[L].mlp.act.output.save())
+            with metric(lm.lm_head.output).backward():
+                for L in reversed(range(cfg.n_layers)):
+                    gp[L] = posts[L].grad.save()
+                    gz[L] = zs[L].grad.save()
+        mlp = torch.stack([posts[L] * gp[L] for L in range(cfg.n_layers)])
+        heads = torch.stack([(zs[L] * gz[L]).unflatten(-1, (h, -1)).sum(-1) for L in range(cfg.n_layers)])
+        return mlp, heads
+
+    emit("act_times_grad_all_nodes", ours, "s/batch", f"nnsight_{version('nnsight')}",
+         timeit(nnsight_step), **common)
 
 
 if __name__ == "__main__":
