@@ -31,7 +31,7 @@ def measure_accuracy(seed: int = 2026, n: int = 400) -> dict:
 def find_heads(db: Path) -> dict:
     """Induction, previous-token and IOI heads, found by populate + the saved queries."""
     from actwh.queries.loader import Queries
-    from actwh.runner import PopulateOptions, populate
+    from actwh.runner import EdgeOptions, PopulateOptions, populate
     from actwh.warehouse import Warehouse
 
     q = Queries()
@@ -41,14 +41,32 @@ def find_heads(db: Path) -> dict:
     ioi = populate(db, PopulateOptions(str(PROMPTS / "ioi.jsonl"), None,
                                        ("attn_direct_effect", "attn_act_times_grad"), "logit_diff",
                                        "top-k:12:attn_direct_effect"), progress=False).run_id
+    edges = populate(db, PopulateOptions(str(PROMPTS / "induction.jsonl"), None,
+                                         ("attn_act_times_grad",), "logprob",
+                                         "top-k:1:attn_act_times_grad",
+                                         edges=EdgeOptions(select="dense")), progress=False).run_id
     with Warehouse(db) as wh:
         induction = q["induction_heads"](wh, run=ind, k=5).to_dicts()
-        previous = q["previous_token_heads"](wh, run=ind, k=5).to_dicts()
+        previous = q["previous_token_heads"](wh, run=ind, k=12).to_dicts()
+        top = induction[0]
+        # Only heads below the induction head can feed its key (K-composition): of those with a
+        # previous-token score of at least 0.3, name the one whose edge into its k input is largest.
+        into_k = wh.sql(
+            "SELECT up_layer AS layer, up_index AS head, sum(abs(value)) AS k_edge FROM edges "
+            "WHERE run_id = $run AND up_type = 'attn_head' AND down_type = 'attn_head' AND "
+            "down_layer = $layer AND down_index = $head AND down_input = 'k' GROUP BY ALL",
+            run=edges, layer=top["layer"], head=top["head"]).to_dicts()
+        strength = {(r["layer"], r["head"]): r["k_edge"] for r in into_k}
+        for h in previous:
+            h["k_edge_into_induction_head"] = strength.get((h["layer"], h["head"]), 0.0)
+        feeding = [h for h in previous if h["layer"] < top["layer"] and h["previous_token_score"] >= 0.3]
+        feeding.sort(key=lambda h: -h["k_edge_into_induction_head"])
         ioi_heads = wh.sql(
             "SELECT node_label, layer, node_index AS head, avg(value) AS mean_direct_effect, "
             "count(*) AS n FROM nodes WHERE run_id = $run AND scalar = 'attn_direct_effect' "
             "GROUP BY ALL ORDER BY abs(avg(value)) * count(*) DESC LIMIT 5", run=ioi).to_dicts()
-    return {"induction": induction, "previous_token": previous, "ioi": ioi_heads}
+    return {"induction": induction, "previous_token": previous[:6], "ioi": ioi_heads,
+            "feeding_previous_token": feeding[0] if feeding else None}
 
 
 def main() -> None:
@@ -99,12 +117,16 @@ def main() -> None:
         "queries `induction_heads` and `previous_token_heads`; IOI heads by mean direct effect on the "
         "logit difference over `prompts/ioi.jsonl`.", "",
         "| induction head | score |", "|---|---|", *[row(h, "induction_score") for h in heads["induction"]], "",
-        "| previous-token head | score |", "|---|---|",
-        *[row(h, "previous_token_score") for h in heads["previous_token"]], "",
+        "| previous-token head | score | Σ|edge| into the induction head's k input |", "|---|---|---|",
+        *[f"| {h['node_label']} | {h['previous_token_score']:.3f} | {h['k_edge_into_induction_head']:.2f} |"
+          for h in heads["previous_token"]], "",
         "| IOI head (direct effect on logit diff) | mean |", "|---|---|",
         *[row(h, "mean_direct_effect") for h in heads["ioi"]], "",
         f"Induction head: **{heads['induction'][0]['node_label']}**. "
-        f"Previous-token head: **{heads['previous_token'][0]['node_label']}**.", "",
+        f"Previous-token head: **{(heads['feeding_previous_token'] or heads['previous_token'][0])['node_label']}** "
+        "(of the heads below the induction head with a previous-token score of at least 0.3, the "
+        "one with the largest edge into its k input: previous-token information reaches the key "
+        "through several layer-1 heads and the MLPs, so no single head dominates).", "",
     ]
     CARD.write_text("\n".join(lines))
     (WEIGHTS / "card.json").write_text(json.dumps({"accuracy": acc, "heads": heads}, indent=1))

@@ -29,11 +29,16 @@ class Selection:
         parts = text.split(":")
         if parts == ["dense"]:
             return cls("dense")
+        if len(parts) == 3:
+            s = get_scalar(parts[2])
+            if s.kind == "pair" and not s.token_form:
+                raise ActwhError(f"{s.name} has no per-node value to rank nodes by; rank "
+                                 f"{s.node_type} nodes by {RANKING[s.node_type]} instead")
         try:
             if len(parts) == 3 and parts[0] == "top-k" and int(parts[1]) > 0:
-                return cls("top-k", int(parts[1]), get_scalar(parts[2]).name)
+                return cls("top-k", int(parts[1]), parts[2])
             if len(parts) == 3 and parts[0] == "threshold":
-                return cls("threshold", float(parts[1]), get_scalar(parts[2]).name)
+                return cls("threshold", float(parts[1]), parts[2])
         except ValueError:
             pass
         raise ActwhError(f"bad selection {text!r}; use top-k:N:SCALAR, threshold:X:SCALAR or dense")
@@ -117,7 +122,11 @@ def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
         if name not in requested:
             continue
         if "attn_head" not in keeps:
-            keeps["attn_head"] = _keep_mask(res.token[sel.ranking_for("attn_head")], real, sel)
+            if sel.mode == "dense":  # nothing to rank: every head at every real query position
+                n_layers, n_heads = t.shape[1], t.shape[2]
+                keeps["attn_head"] = real[:, :, None, None].expand(b, p, n_layers, n_heads)
+            else:
+                keeps["attn_head"] = _keep_mask(res.token[sel.ranking_for("attn_head")], real, sel)
         # kept (b, q, L, h) -> every real key k <= q of that head's row
         rows = keeps["attn_head"].permute(0, 2, 3, 1)  # [b, L, h, q]
         causal = torch.ones(p, p, dtype=torch.bool, device=real.device).tril()

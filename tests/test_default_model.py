@@ -69,8 +69,12 @@ def test_attention_patterns_alone_find_the_card_heads():
                 for L in range(cfg.n_layers) for h in range(cfg.n_heads)}
     card_induction, card_previous = card_heads()
     assert induction[card_induction] >= 0.5
-    assert max(induction.values()) == pytest.approx(induction[card_induction], abs=0.15)
-    assert previous[card_previous] >= 0.3 and previous[card_previous] == max(previous.values())
+    assert induction[card_induction] == max(induction.values())
+    # the card's previous-token head attends to the previous token and sits below the induction
+    # head, so it can feed its key
+    assert previous[card_previous] >= 0.3
+    layer = lambda label: int(re.findall(r"\d+", label)[0])  # noqa: E731
+    assert layer(card_previous) < layer(card_induction)
 
 
 def test_saved_query_names_the_card_induction_head(tmp_path):
@@ -97,16 +101,17 @@ def test_previous_token_head_feeds_the_induction_heads_key(tmp_path):
     L_p, h_p = map(int, re.findall(r"\d+", previous))
     db = tmp_path / "wh.duckdb"
     run = populate(db, PopulateOptions(str(PROMPTS / "induction.jsonl"), None, ("attn_pattern",),
-                                       "logprob", "top-k:1:attn_pattern",
+                                       "logprob", "top-k:1:attn_act_times_grad",
                                        edges=EdgeOptions(select="dense")), progress=False).run_id
     with Warehouse(db) as wh:
         into = wh.sql(
-            "SELECT up_layer, up_type::VARCHAR AS up_type, up_index, down_input::VARCHAR AS inp, "
-            "sum(abs(value)) AS strength FROM edges WHERE run_id = $run AND down_layer = $L AND "
-            "down_type = 'attn_head' AND down_index = $h GROUP BY ALL ORDER BY strength DESC",
+            "SELECT up_layer, up_type::VARCHAR AS up_type, up_index, sum(abs(value)) AS strength "
+            "FROM edges WHERE run_id = $run AND down_layer = $L AND down_type = 'attn_head' AND "
+            "down_index = $h AND down_input = 'k' GROUP BY ALL ORDER BY strength DESC",
             run=run, L=L_i, h=h_i)
-    ranked = [(r["up_layer"], r["up_type"], r["up_index"], r["inp"]) for r in into.iter_rows(named=True)]
-    assert (L_p, "attn_head", h_p, "k") in ranked[:5], ranked[:8]
+    ranked = [(r["up_layer"], r["up_type"], r["up_index"]) for r in into.iter_rows(named=True)]
+    # among all 1 + L * (heads + 1) upstream nodes of the induction head's key
+    assert (L_p, "attn_head", h_p) in ranked[:5], ranked[:8]
 
 
 def test_quickstart_populate_with_no_arguments(tmp_path, monkeypatch):
