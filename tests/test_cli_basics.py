@@ -59,3 +59,16 @@ def test_prompt_longer_than_context(tmp_path):
     text = " ".join(["the"] * 80)  # the tiny models' context is 64
     one_line_error(CliRunner().invoke(cli, ["predict", text, "--model", str(folder)]),
                    "longer than the context (64)")
+
+
+def test_progress_reports_prompts_rate_and_eta_on_a_terminal(capsys):
+    from actwh.runner import Progress
+
+    bar = Progress(4, enabled=True)
+    bar.update(2, 100)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "2/4 prompts" in err and "tokens/s" in err and "ETA" in err
+    quiet = Progress(4, enabled=False)
+    quiet.update(2, 100)
+    assert capsys.readouterr().err == ""

@@ -103,6 +103,7 @@ def test_sql_answers_while_populate_runs_and_second_writer_waits(tmp_path, gpt2_
     out2, err2 = second.communicate(timeout=300)
     assert first.returncode == 0 and second.returncode == 0, (err1, err2)
     assert "Traceback" not in err1 + err2
+    assert "tokens/s" not in err1 + err2  # progress stays quiet when stderr is not a terminal
     assert seen and seen == sorted(seen) and max(seen) <= 24  # committed batches only, growing
     runs, n, _ = invariants(db)
     assert runs == 2 and n == 48  # both runs whole: the writers took turns batch by batch
