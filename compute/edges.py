@@ -204,7 +204,7 @@ def component_edges(model: HookedTransformer, batch: Batch, target: str | Target
         else:
             ups = out.permute(0, 2, 1, 3).reshape(b, U, n_pos * d)
         for g, (x, n_up, n_attn) in zip(groups, group_layout(model, clean.acts, last)):
-            g = g * real
+            g = (g * real).to(out.dtype)  # norm pull-backs run in float32 under bf16/fp16
             n = g.shape[2]
             cols = slice(col, col + n)
             if positions == "each":

@@ -111,6 +111,7 @@ def node_edges(model: HookedTransformer, batch: Batch, target: str | Target, dow
         for v in downs:
             b, L, p = v.batch_index, v.layer, v.pos
             r, atg = gradient_at_input(model, acts, grads, v)
+            r = r.to(model.W_E.dtype)  # norm pull-backs run in float32 under bf16/fp16
             embed = acts["hook_embed"][b, p] + (acts["hook_pos_embed"][b, p]
                                                 if "hook_pos_embed" in acts else 0)
             # Attention of layer L feeds only the MLP of layer L (and not in parallel blocks).

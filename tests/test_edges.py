@@ -172,3 +172,29 @@ def test_stored_edges_round_trip_and_selection_count(tmp_path, gpt2_dir):
         # the nine kept are the nine largest |value| among upstream pairs
         cand = res.values[0][res.allowed].abs().sort(descending=True).values
         assert np.isclose(min(abs(got["value"])), cand[8].item(), rtol=1e-6)
+
+
+def test_bfloat16_populate_with_edges_tracks_float32(tmp_path, gpt2_dir):
+    """Reduced precision runs end to end (norm pull-backs are float32 inside) and stays close."""
+    from actwh.runner import EdgeOptions, PopulateOptions, populate
+    from actwh.warehouse import Warehouse
+
+    from conftest import write_prompts
+
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        opts = PopulateOptions(str(prompts), str(gpt2_dir), ("mlp_act_times_grad",), "logit_diff",
+                               dtype=dtype, edges=EdgeOptions(select="dense", into=2))
+        runs[dtype] = populate(tmp_path / "wh.duckdb", opts, progress=False).run_id
+    wh = Warehouse(tmp_path / "wh.duckdb")
+    m = wh.sql("SELECT a.metric AS f32, b.metric AS bf16 FROM prompts a JOIN prompts b USING (prompt_id) "
+               "WHERE a.run_id = $a AND b.run_id = $b", a=runs["float32"], b=runs["bfloat16"])
+    assert m.height == 6
+    assert (m["f32"] - m["bf16"]).abs().max() <= 0.1 * max(1.0, m["f32"].abs().max())
+    e = wh.sql("SELECT a.value AS f32, b.value AS bf16 FROM edges a JOIN edges b USING (prompt_id, up_layer, "
+               "up_type, up_index, down_layer, down_type, down_index, down_input) WHERE a.run_id = $a AND "
+               "b.run_id = $b AND a.up_pos IS NULL AND b.up_pos IS NULL", a=runs["float32"], b=runs["bfloat16"])
+    assert e.height > 0
+    scale = e["f32"].abs().max()
+    assert (e["f32"] - e["bf16"]).abs().max() <= 0.1 * scale
