@@ -281,3 +281,13 @@ def circuit(run, prompt, db, method, value, n, node_threshold, edge_threshold, d
         with open(json_path, "w") as f:
             json.dump(found.to_json(), f, indent=1, default=str)
     render(found.edges.select("up_label", "down_label", "down_input", "value"), fmt)
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["ioi", "induction", "successor"]), required=False)
+def examples(kind) -> None:
+    """Print the path of the default model's example prompt files (or of one KIND)."""
+    from actwh.compute.default_model import default_prompts
+
+    for k in [kind] if kind else ["ioi", "induction", "successor"]:
+        click.echo(default_prompts(k))

@@ -72,3 +72,11 @@ def test_progress_reports_prompts_rate_and_eta_on_a_terminal(capsys):
     quiet = Progress(4, enabled=False)
     quiet.update(2, 100)
     assert capsys.readouterr().err == ""
+
+
+def test_examples_lists_existing_prompt_files():
+    from pathlib import Path
+
+    r = CliRunner().invoke(cli, ["examples"])
+    paths = [Path(p) for p in r.output.split()]
+    assert r.exit_code == 0 and len(paths) == 3 and all(p.is_file() for p in paths)
