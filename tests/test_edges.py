@@ -198,3 +198,30 @@ def test_bfloat16_populate_with_edges_tracks_float32(tmp_path, gpt2_dir):
     assert e.height > 0
     scale = e["f32"].abs().max()
     assert (e["f32"] - e["bf16"]).abs().max() <= 0.1 * scale
+
+
+def test_run_reports_edges_into_target_beside_corrupt_metric(tmp_path, gpt2_dir):
+    from actwh.compute.prompts import read_prompts
+    from actwh.runner import EdgeOptions, PopulateOptions, encode_all, populate
+    from actwh.warehouse import Warehouse
+
+    from conftest import IOI_ROWS, write_prompts
+
+    prompts = write_prompts(tmp_path / "p.jsonl", IOI_ROWS[:2])
+    db = tmp_path / "wh.duckdb"
+    opts = PopulateOptions(str(prompts), str(gpt2_dir), ("mlp_act_times_grad",), "logit_diff", batch_size=1,
+                           edges=EdgeOptions(baseline="corrupt", ig_steps=2, select="top-k:3"))
+    run = populate(db, opts, progress=False).run_id
+    stored = Warehouse(db).sql("SELECT prompt_id, metric, corrupt_metric, edges_to_target FROM prompts "
+                               "WHERE run_id = $r ORDER BY prompt_id", r=run)
+    loaded = load_model(gpt2_dir, device="cpu")
+    for e, row in zip(encode_all(loaded, read_prompts(prompts), TARGETS["logit_diff"], False, True),
+                      stored.iter_rows(named=True)):
+        ids, bad = torch.tensor([e.ids]), torch.tensor([e.corrupt])
+        batch = Batch(ids, torch.ones_like(ids), torch.tensor([e.target]), torch.tensor([e.distractor]))
+        with torch.no_grad():
+            want_bad = TARGETS["logit_diff"].metric(loaded.model(bad), batch)[0]
+        res = component_edges(loaded.model, batch, "logit_diff", corrupt=bad, ig_steps=2)
+        assert row["corrupt_metric"] == pytest.approx(float(want_bad), abs=1e-4)
+        assert row["edges_to_target"] == pytest.approx(float(res.values[0, :, -1].sum()), abs=1e-4)
+        assert row["metric"] == pytest.approx(float(res.metric[0]), abs=1e-4)
