@@ -57,13 +57,20 @@ def reference_r(model, batch, v: Down, g_fixed):
     return g
 
 
-def test_node_edges_equal_brute_force_and_sum_exactly(model64):
-    model = model64.model
-    tokens, mask = padded_batch(model64.tokenizer, PROMPTS)
+def traced(loaded):
+    """The model, a padded batch, and one forward + backward cache of the node-edge sites."""
+    model = loaded.model
+    tokens, mask = padded_batch(loaded.tokenizer, PROMPTS)
     batch = Batch(tokens, mask, torch.tensor([5, 7, 9]), torch.tensor([6, 8, 10]))
     fwd, bwd = sites(model)
     cache = model.run_with_cache(tokens, fwd, attention_mask=mask, grad_names=bwd,
                                  backward_of=lambda l: TARGETS["logit_diff"].metric(l, batch).sum())
+    return model, batch, cache
+
+
+def test_node_edges_equal_brute_force_and_sum_exactly(model64):
+    model, batch, cache = traced(model64)
+    mask = batch.mask
     L = model.cfg.n_layers - 1
     downs = [Down(0, L, "mlp_neuron", 3, 9), Down(0, L, "attn_head", 1, 9, "q"),
              Down(0, L, "attn_head", 0, 4, "k"), Down(0, L, "attn_head", 0, 6, "v")]
@@ -96,12 +103,8 @@ def test_node_edges_equal_brute_force_and_sum_exactly(model64):
 
 
 def test_top_downstream_picks_largest_act_times_grad(model64):
-    model = model64.model
-    tokens, mask = padded_batch(model64.tokenizer, PROMPTS)
-    batch = Batch(tokens, mask, torch.tensor([5, 7, 9]), torch.tensor([6, 8, 10]))
-    fwd, bwd = sites(model)
-    cache = model.run_with_cache(tokens, fwd, attention_mask=mask, grad_names=bwd,
-                                 backward_of=lambda l: TARGETS["logit_diff"].metric(l, batch).sum())
+    model, batch, cache = traced(model64)
+    mask = batch.mask
     downs = top_downstream(model, batch, cache, 5)
     assert len(downs) == 15
     res = node_edges(model, batch, "logit_diff", downs, cache=cache)
