@@ -69,7 +69,6 @@ def main() -> None:
     common = dict(device=device, model="gpt2-small-shaped-random", batch=args.batch, seq=args.seq)
     emit("act_times_grad_all_nodes", ours, "s/batch", f"transformer_lens_{version('transformer-lens')}",
          timeit(tl_step), **common)
-    del bridge
     try:
         from nnsight import LanguageModel
     except ImportError:
