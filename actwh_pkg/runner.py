@@ -37,6 +37,7 @@ class EdgeOptions:
     positions: str = "summed"  # summed (up_pos/down_pos NULL) or each
     into: int = 0  # > 0: node-level edges into each prompt's `into` top act × grad nodes
     component: bool = True  # the component graph (False when only --edges-into was asked)
+    into_latents: bool = False  # node-level edges into every active autoencoder latent
 
     @property
     def method(self) -> str:
@@ -233,7 +234,8 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
         for sae in saes:
             i = sae.info
             writer.register_sae(model_id, dict(site=i.site, d_in=i.d_in, d_sae=i.d_sae, source=i.source,
-                                               weights_sha256=i.weights_sha256, config=i.config))
+                                               weights_sha256=i.weights_sha256,
+                                               config={**i.config, "kind": i.kind}))
     else:
         run_id = resume
     done = writer.done_prompts(run_id)
@@ -319,21 +321,25 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
             to_target = (into.sum((1, 2)) if into.dim() == 3 else into.sum(1)).float().cpu().numpy()
             if er.corrupt_metric is not None:
                 corrupt_metric = er.corrupt_metric.float().cpu().numpy()
-        if edges.into:
-            from actwh.compute.node_edges import (node_edge_columns, node_edges, sites,
-                                                  top_downstream)
+        if edges.into or edges.into_latents:
+            from actwh.compute.node_edges import (active_latents, node_edge_columns, node_edges,
+                                                  sites, target_downs, top_downstream)
 
             fwd, bwd = sites(loaded.model)
             b_dev = batch.to(loaded.model.device)
             cache = loaded.model.run_with_cache(
                 b_dev.tokens, fwd, attention_mask=b_dev.mask, grad_names=bwd,
                 backward_of=lambda logits: target.metric(logits, b_dev).sum())
-            downs = top_downstream(loaded.model, b_dev, cache, edges.into)
+            downs = top_downstream(loaded.model, b_dev, cache, edges.into) if edges.into else []
+            if edges.into_latents:
+                downs = list(dict.fromkeys(downs + active_latents(loaded.model, b_dev, cache)))
+            if not edges.component:  # the component graph already has edges into the target
+                downs += target_downs(loaded.model, b_dev, target, cache.logits)
             parts.append(node_edge_columns(node_edges(loaded.model, b_dev, target, downs, cache),
                                            edges.select, prompt_ids, mask))
         merged = {k: np.concatenate([p[k] if p[k] is not None else np.full(len(p["value"]), -1, np.int32)
                                      for p in parts]) for k in parts[0]}
-        if edges.positions == "summed" and edges.component and not edges.into:
+        if edges.positions == "summed" and edges.component and not (edges.into or edges.into_latents):
             merged["up_pos"] = merged["down_pos"] = None
         order = np.argsort(merged["prompt_id"], kind="stable")
         out["edges"] = edge_table({k: None if v is None else v[order] for k, v in merged.items()},

@@ -112,9 +112,11 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
               help="Edges kept per prompt: top-k:N | threshold:X | dense.")
 @click.option("--edges-positions", type=click.Choice(["summed", "each"]), default="summed",
               show_default=True, help="Sum edges over positions or keep one per position.")
-@click.option("--edges-into", default=None, metavar="top:N",
-              help="Node-level edges into the N top act × grad nodes (neurons, head q/k/v) of "
-                   "each prompt; --edges-select then applies per traced node.")
+@click.option("--edges-into", default=None, metavar="top:N|latents",
+              help="Node-level edges into the N top act × grad nodes (neurons, head q/k/v, SAE "
+                   "latents) of each prompt, or into every active latent of the spliced "
+                   "autoencoders; also into the target unless --edges is given. --edges-select "
+                   "then applies per traced node.")
 @click.option("--sae", "sae_dirs", multiple=True, type=click.Path(), metavar="DIR",
               help="Splice a sparse autoencoder (SAELens or OpenAI layout); repeatable.")
 @click.option("--sae-site", "sae_sites", multiple=True, metavar="SITE",
@@ -138,16 +140,20 @@ def populate(prompts, db, model_path, scalars, all_scalars, target, select, batc
         if prompts is None:
             raise click.UsageError("give a PROMPTS file (the example prompts belong to the "
                                    "default model)")
-        into = 0
-        if edges_into is not None:
+        into, into_latents = 0, False
+        if edges_into == "latents":
+            if not sae_dirs:
+                raise click.BadParameter("tracing into latents needs --sae", param_hint="--edges-into")
+            into_latents = True
+        elif edges_into is not None:
             kind, _, n = edges_into.partition(":")
             if kind != "top" or not n.isdigit() or int(n) < 1:
-                raise click.BadParameter("use top:N", param_hint="--edges-into")
+                raise click.BadParameter("use top:N or latents", param_hint="--edges-into")
             into = int(n)
         edge_opts = None
-        if edges or into:
+        if edges or into or into_latents:
             edge_opts = EdgeOptions(edges_baseline, ig_steps, edges_select, edges_positions, into,
-                                    component=edges)
+                                    component=edges, into_latents=into_latents)
         if len(sae_sites) > len(sae_dirs):
             raise click.BadParameter("more --sae-site than --sae", param_hint="--sae-site")
         saes = tuple((d, sae_sites[i] if i < len(sae_sites) else None) for i, d in enumerate(sae_dirs))

@@ -12,6 +12,9 @@ gradient at each downstream node's private copy of the residual stream, exactly 
 node had its own copy. Conventions follow the public EAP-IG code: the attention output bias
 belongs to no head (a bias term), an MLP's output includes its bias, value biases stay inside
 each head. With grouped-query attention, k and v inputs are per key/value head.
+
+Spliced autoencoders leave this graph as it is (the splice is exact, so every write and every
+gradient is the model's own); latents enter edges at node level (node_edges.py).
 """
 
 from __future__ import annotations

@@ -171,13 +171,18 @@ class Block(nn.Module):
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+        self.transcoder = None  # a spliced transcoder replaces the MLP's output (compute/sae.py)
 
     def forward(self, x, mask, cos, sin):
         resid_pre = self.hook_resid_pre(x)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, cos, sin))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         # A parallel block's MLP reads the same residual stream its attention read.
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_pre if self.parallel else resid_mid)))
+        mlp_in = self.ln2(resid_pre if self.parallel else resid_mid)
+        mlp_out = self.mlp(mlp_in)
+        if self.transcoder is not None:
+            mlp_out = self.transcoder(mlp_in, mlp_out)
+        mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(resid_mid + mlp_out)
 
 

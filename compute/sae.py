@@ -8,6 +8,14 @@ model's own (the encoder reads a detached x; edges into latents use the encoder 
 New hook sites: `<site>.sae.hook_latents` [batch, pos, d_sae], `<site>.sae.hook_error`
 [batch, pos, d_in].
 
+Transcoders (Dunefsky et al. 2024; circuit-tracer) are the second kind: they read the MLP's input
+(TransformerLens' `blocks.L.ln2.hook_normalized`, i.e. after the norm's weight and bias) and
+replace the MLP's output: mlp_out = decode(latents) + error, error = mlp(x) − decode(latents).
+The real MLP still runs inside the error, so the model stays exact and neuron scalars still
+read; the latents write to the residual stream as neurons do. Hook sites:
+`blocks.L.transcoder.hook_latents` and `blocks.L.transcoder.hook_error`. At most one autoencoder
+or transcoder per layer (node_scalars tells them apart by layer).
+
 Layouts read: SAELens (`cfg.json` + `sae_weights.safetensors`: W_enc [d_in, d_sae], b_enc,
 W_dec [d_sae, d_in], b_dec, `threshold` for JumpReLU; `hook_name` top-level or under
 `metadata`; `apply_b_dec_to_input`) and OpenAI's sparse_autoencoder (a `.pt` state dict with
@@ -31,6 +39,8 @@ from actwh.errors import SAEError
 ACTIVATIONS = ("relu", "topk", "jumprelu")
 SITE_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|"
                      r"hook_mlp_out)$")
+TRANSCODER_IN_RE = re.compile(r"^blocks\.(\d+)\.(ln2\.hook_normalized|hook_mlp_in)$")
+TRANSCODER_ARCHS = {"transcoder": "relu", "jumprelu_transcoder": "jumprelu", "topk_transcoder": "topk"}
 
 
 @dataclass(frozen=True)
@@ -44,10 +54,16 @@ class SAEInfo:
     source: str
     weights_sha256: str
     config: dict = field(repr=False)
+    kind: str = "sae"  # sae | transcoder
 
     @property
     def layer(self) -> int:
-        return int(SITE_RE.match(self.site).group(1))
+        return int(self.site.split(".")[1])
+
+    @property
+    def prefix(self) -> str:
+        """Where its hook sites live: `<prefix>.hook_latents`, `<prefix>.hook_error`."""
+        return f"blocks.{self.layer}.transcoder" if self.kind == "transcoder" else f"{self.site}.sae"
 
 
 class SparseAutoencoder(nn.Module):
@@ -85,6 +101,17 @@ class SparseAutoencoder(nn.Module):
         return self.decode(self.hook_latents(latents)) + error
 
 
+class Transcoder(SparseAutoencoder):
+    """Replaces an MLP: reads the MLP's input, writes its output (latents + error, exactly)."""
+
+    def forward(self, mlp_in: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        latents = self.encode(mlp_in.detach())
+        if torch.is_grad_enabled():
+            latents.requires_grad_(True)
+        error = self.hook_error(mlp_out - self.decode(latents).detach())
+        return self.decode(self.hook_latents(latents)) + error
+
+
 def _sha256(files) -> str:
     h = hashlib.sha256()
     for f in files:
@@ -117,6 +144,17 @@ def _load_saelens(folder: Path, site: str | None) -> SparseAutoencoder:
     if missing:
         raise SAEError(f"{weights_file} lacks {sorted(missing)}")
     arch = cfg.get("architecture", "standard")
+    meta = cfg.get("metadata") or {}
+    hook_out = cfg.get("hook_name_out") or meta.get("hook_name_out")
+    if arch == "skip_transcoder" or "W_skip" in w:
+        raise SAEError(f"{folder}: skip transcoders (W_skip) are not supported")
+    if arch in TRANSCODER_ARCHS or hook_out:
+        activation = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu",
+                      **TRANSCODER_ARCHS}.get(arch)
+        if activation is None:
+            raise SAEError(f"{folder}: unknown transcoder architecture {arch!r}; supported: "
+                           f"{', '.join(TRANSCODER_ARCHS)}")
+        return _transcoder(folder, cfg, w, weights_file, site, hook_out, activation)
     activation = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(
         arch if arch != "standard" else cfg.get("activation_fn_str", cfg.get("activation_fn", "relu")))
     if activation is None:
@@ -132,6 +170,30 @@ def _load_saelens(folder: Path, site: str | None) -> SparseAutoencoder:
                    int(k) if k else None, bool(cfg.get("apply_b_dec_to_input", False)), str(folder),
                    _sha256([folder / "cfg.json", weights_file]), cfg)
     return SparseAutoencoder(info, _check_shapes(w, folder))
+
+
+def _transcoder(folder: Path, cfg: dict, w: dict, weights_file: Path, site: str | None,
+                hook_out: str | None, activation: str) -> Transcoder:
+    meta = cfg.get("metadata") or {}
+    hook = site or cfg.get("hook_name") or meta.get("hook_name")
+    m = TRANSCODER_IN_RE.match(hook or "")
+    if not m:
+        raise SAEError(f"{folder}: a transcoder must read an MLP's input (blocks.L.ln2.hook_normalized), "
+                       f"not {hook!r}")
+    if hook_out and hook_out != f"blocks.{m.group(1)}.hook_mlp_out":
+        raise SAEError(f"{folder}: a transcoder reading {hook} must write blocks.{m.group(1)}.hook_mlp_out, "
+                       f"not {hook_out!r}")
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))
+    if activation == "topk" and not k:
+        raise SAEError(f"{folder}: a topk transcoder needs k in cfg.json")
+    if activation == "jumprelu" and "threshold" not in w:
+        raise SAEError(f"{weights_file}: a jumprelu transcoder needs a threshold tensor")
+    site = f"blocks.{m.group(1)}.ln2.hook_normalized"
+    info = SAEInfo(site, w["W_enc"].shape[0], w["W_enc"].shape[1], activation, int(k) if k else None,
+                   bool(cfg.get("apply_b_dec_to_input", False)), str(folder),
+                   _sha256([folder / "cfg.json", weights_file]), {**cfg, "kind": "transcoder"},
+                   kind="transcoder")
+    return Transcoder(info, _check_shapes(w, folder))
 
 
 def _load_openai(folder: Path, pt: Path, site: str | None) -> SparseAutoencoder:
@@ -174,21 +236,37 @@ def _check_shapes(w: dict, folder: Path) -> dict:
 
 
 def splice(model: HookedTransformer, sae: SparseAutoencoder) -> None:
-    """Replace the site's value by latents + error (exact), adding the SAE's hook sites."""
+    """Replace the site's value by latents + error (exact), adding the SAE's hook sites; a
+    transcoder replaces its layer's MLP output the same way."""
     site = sae.info.site
     if site not in model.hook_points:
         raise SAEError(f"{site!r} is not a hook site of this model ({model.cfg.n_layers} layers)")
     if sae.info.d_in != model.cfg.d_model:
         raise SAEError(f"SAE {sae.info.source} reads {sae.info.d_in} dims but {site} has "
                        f"{model.cfg.d_model}")
+    if sae.W_dec.shape[1] != model.cfg.d_model:
+        raise SAEError(f"SAE {sae.info.source} writes {sae.W_dec.shape[1]} dims but "
+                       f"{model.cfg.d_model} are needed")
     if any(s.info.layer == sae.info.layer for s in spliced(model)):
-        raise SAEError(f"an SAE is already spliced in layer {sae.info.layer}: one per layer")
-    hp = model.hook_points[site]
-    hp.sae = sae.to(device=model.device, dtype=model.W_E.dtype)
+        raise SAEError(f"an SAE or transcoder is already spliced in layer {sae.info.layer}: one per layer")
+    if site.endswith("hook_resid_mid") and model.cfg.parallel:
+        raise SAEError(f"{site}: a parallel block's MLP does not read resid_mid; splice at "
+                       "hook_resid_pre or hook_resid_post")
+    sae = sae.to(device=model.device, dtype=model.W_E.dtype)
+    if sae.info.kind == "transcoder":
+        model.blocks[sae.info.layer].transcoder = sae
+    else:
+        model.hook_points[site].sae = sae
     model.index_hook_points()
 
 
 def spliced(model: HookedTransformer) -> list[SparseAutoencoder]:
-    """The spliced autoencoders, by layer."""
+    """The spliced autoencoders and transcoders, by layer."""
     saes = [hp.sae for hp in model.hook_points.values() if getattr(hp, "sae", None) is not None]
+    saes += [b.transcoder for b in model.blocks if b.transcoder is not None]
     return sorted(saes, key=lambda s: s.info.layer)
+
+
+def at(model: HookedTransformer, layer: int) -> SparseAutoencoder | None:
+    """The autoencoder or transcoder spliced in `layer`, if any."""
+    return next((s for s in spliced(model) if s.info.layer == layer), None)

@@ -154,12 +154,12 @@ def _sae(c: Ctx, slot: int):
     return spliced(c.model)[slot]
 
 
-LATENTS = "{S}.sae.hook_latents"
-ERROR = "{S}.sae.hook_error"
+LATENTS = "{S}.hook_latents"  # S: the autoencoder's prefix (`<site>.sae`, `blocks.L.transcoder`)
+ERROR = "{S}.hook_error"
 
 
 def _latents(c: Ctx, slot: int) -> torch.Tensor:
-    return c.cache.acts[LATENTS.format(S=_sae(c, slot).info.site)]
+    return c.cache.acts[LATENTS.format(S=_sae(c, slot).info.prefix)]
 
 
 SAE_SCALARS = [
@@ -174,13 +174,13 @@ SAE_SCALARS = [
            lambda c, i: _latents(c, i) * (c.g_final() @ _sae(c, i).W_dec.T), sae_level=True),
     Scalar("sae_act_times_grad", "sae_latent", "token", "latent activation × ∂target/∂activation",
            ((LATENTS, "fwd"), (LATENTS, "bwd")),
-           lambda c, i: _latents(c, i) * c.cache.grads[LATENTS.format(S=_sae(c, i).info.site)],
+           lambda c, i: _latents(c, i) * c.cache.grads[LATENTS.format(S=_sae(c, i).info.prefix)],
            sae_level=True),
     Scalar("sae_error_act_times_grad", "sae_error", "token",
            "the autoencoder's error (x − reconstruction) · ∂target/∂error",
            ((ERROR, "fwd"), (ERROR, "bwd")),
-           lambda c, i: _dot(c.cache.acts[ERROR.format(S=_sae(c, i).info.site)],
-                             c.cache.grads[ERROR.format(S=_sae(c, i).info.site)]), sae_level=True),
+           lambda c, i: _dot(c.cache.acts[ERROR.format(S=_sae(c, i).info.prefix)],
+                             c.cache.grads[ERROR.format(S=_sae(c, i).info.prefix)]), sae_level=True),
 ]
 SCALARS.update({s.name: s for s in SAE_SCALARS})
 
@@ -217,7 +217,7 @@ class Plan:
                 if "{S}" in site:
                     from actwh.compute.sae import spliced
 
-                    names = [site.format(S=sae.info.site) for sae in spliced(model)]
+                    names = [site.format(S=sae.info.prefix) for sae in spliced(model)]
                 else:
                     layers = range(model.cfg.n_layers) if "{L}" in site else [None]
                     names = [site.format(L=L) for L in layers]

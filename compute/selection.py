@@ -101,7 +101,8 @@ def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
         if name not in res.token:
             continue
         if s.node_type not in keeps:
-            rank = res.token[sel.ranking_for(s.node_type)]
+            # dense keeps every node, so any of the type's scalars can say where nodes exist
+            rank = res.token.get(sel.ranking_for(s.node_type), res.token[name])
             if s.node_type == "sae_latent":  # only active latents are candidates (act × grad = 0 else)
                 rank = rank.masked_fill(rank == 0, float("nan"))
             keeps[s.node_type] = _keep_mask(rank, real, sel)

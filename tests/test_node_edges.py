@@ -88,18 +88,19 @@ def test_node_edges_equal_brute_force_and_sum_exactly(model64):
         # Edges from explicit writes, computed independently of the module's vectorised form.
         w_embed = cache.acts["hook_embed"][0, v.pos] + (cache.acts["hook_pos_embed"][0, v.pos]
                                                         if "hook_pos_embed" in cache.acts else 0)
-        assert torch.isclose(res.embed, w_embed @ ref[0, v.pos])
+        assert torch.isclose(res.part("embed", -1).values[0], w_embed @ ref[0, v.pos])
         m = 0
         neuron = cache.acts[f"blocks.{m}.mlp.hook_post"][0, v.pos, 2] * model.blocks[m].mlp.W_out[2]
-        assert torch.isclose(res.neurons[m, 2], neuron @ ref[0, v.pos])
+        assert torch.isclose(res.part("mlp_neuron", m).values[2], neuron @ ref[0, v.pos])
         h, k = 1, 2
         kv = h // (model.cfg.n_heads // model.cfg.n_kv_heads)
         write = cache.acts[f"blocks.{m}.attn.hook_pattern"][0, h, v.pos, k] * (
             cache.acts[f"blocks.{m}.attn.hook_v"][0, k, kv] @ model.blocks[m].attn.W_O[h])
-        assert torch.isclose(res.heads[m, h, k], write @ ref[0, v.pos])
+        heads = res.part("attn_head", m)
+        at_hk = (heads.index == h) & (heads.pos == k)
+        assert torch.isclose(heads.values[at_hk][0], write @ ref[0, v.pos])
         # Σ_u edge(u -> v) + bias term = r · in_v, exactly.
-        total = res.embed + res.neurons.sum() + res.heads.sum() + res.bias
-        assert torch.isclose(total, res.r_dot_in, atol=1e-10)
+        assert torch.isclose(res.total() + res.bias, res.r_dot_in, atol=1e-10)
 
 
 def test_top_downstream_picks_largest_act_times_grad(model64):
