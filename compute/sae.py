@@ -145,6 +145,10 @@ def _load_saelens(folder: Path, site: str | None) -> SparseAutoencoder:
         raise SAEError(f"{weights_file} lacks {sorted(missing)}")
     arch = cfg.get("architecture", "standard")
     meta = cfg.get("metadata") or {}
+    for key, fine in (("normalize_activations", "none"), ("reshape_activations", "none"),
+                      ("rescale_acts_by_decoder_norm", False)):
+        if cfg.get(key, fine) not in (fine, None):
+            raise SAEError(f"{folder}: {key}={cfg[key]!r} is not supported (only {fine!r})")
     hook_out = cfg.get("hook_name_out") or meta.get("hook_name_out")
     if arch == "skip_transcoder" or "W_skip" in w:
         raise SAEError(f"{folder}: skip transcoders (W_skip) are not supported")
