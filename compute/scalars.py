@@ -45,12 +45,27 @@ class Ctx:
         e = self.a("hook_embed")
         return e + self.a("hook_pos_embed") if "hook_pos_embed" in self.cache.acts else e
 
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, pos) of the positions the target reads, where g_final can be non-zero. Direct
+        effects are computed there only: one row per prompt for logit targets, not all of them."""
+        self.g_final()
+        return self._rows
+
+    def at_rows(self, values: torch.Tensor, width: int) -> torch.Tensor:
+        """values [n_rows, width] placed at `rows()` in a zero [batch, pos, width] tensor."""
+        b, p = self.batch.tokens.shape
+        out = values.new_zeros(b, p, width)
+        out[self._rows] = values
+        return out
+
     def g_final(self) -> torch.Tensor:
         """∂(readout · logits)/∂resid_final with the final norm's scale frozen. [batch, pos, d_model]"""
         if self._g_final is None:
             m = self.model
             r = self.target.readout(self.cache.logits, self.batch)
             b, p = self.batch.tokens.shape
+            key = torch.unique(r.batch * p + r.pos)
+            self._rows = (key // p, key % p)
             direction = torch.zeros(b, p, m.cfg.d_model, dtype=m.W_U.dtype, device=m.device)
             direction.index_put_((r.batch, r.pos), r.weight[:, None] * m.W_U[:, r.vocab].T,
                                  accumulate=True)
@@ -103,6 +118,28 @@ def _head_act_times_grad(c: Ctx, L: int) -> torch.Tensor:
     return (c.a(Z, L) * back).sum(-1)
 
 
+def _rows_times(c: Ctx, acts: torch.Tensor, W_write: torch.Tensor) -> torch.Tensor:
+    """acts · (g_final @ W_writeᵀ) for nodes writing rows of W_write, at the target's rows only."""
+    rows = c.rows()
+    g = c.g_final()[rows]  # [n, d_model]
+    return c.at_rows(acts[rows] * (g @ W_write.T), W_write.shape[0])
+
+
+def _attn_direct_effect(c: Ctx, L: int) -> torch.Tensor:
+    # pattern[q, k] · (v_k W_O) · g[q], with g pulled back through W_O first: [n, head, d_head]
+    attn, (bi, qi) = c.model.blocks[L].attn, c.rows()
+    back = torch.einsum("hed,nd->nhe", attn.W_O, c.g_final()[bi, qi])
+    v = c.a(V, L)
+    group = c.model.cfg.n_heads // c.model.cfg.n_kv_heads
+    if group > 1:
+        v = v.repeat_interleave(group, dim=2)
+    per_key = torch.einsum("nkhe,nhe->nhk", v[bi], back) * c.a(PATTERN, L)[bi, :, qi, :]
+    b, p = c.batch.tokens.shape
+    out = per_key.new_zeros(b, p, attn.W_O.shape[0], p)  # [b, q, h, k] for the row scatter
+    out[bi, qi] = per_key
+    return out.permute(0, 2, 1, 3)  # [b, h, q, k]
+
+
 SCALARS: dict[str, Scalar] = {s.name: s for s in [
     Scalar("mlp_post_act", "mlp_neuron", "token", "MLP neuron activation (after the nonlinearity)",
            ((POST, "fwd"),), lambda c, L: c.a(POST, L)),
@@ -112,8 +149,7 @@ SCALARS: dict[str, Scalar] = {s.name: s for s in [
            lambda c, L: c.a(POST, L).abs() * c.model.blocks[L].mlp.W_out.norm(dim=-1)),
     Scalar("mlp_direct_effect", "mlp_neuron", "token",
            "neuron write · target gradient at the final residual (final norm scale frozen)",
-           ((POST, "fwd"), *FINAL),
-           lambda c, L: c.a(POST, L) * (c.g_final() @ c.model.blocks[L].mlp.W_out.T)),
+           ((POST, "fwd"), *FINAL), lambda c, L: _rows_times(c, c.a(POST, L), c.model.blocks[L].mlp.W_out)),
     Scalar("mlp_act_times_grad", "mlp_neuron", "token",
            "neuron activation × ∂target/∂activation", ((POST, "fwd"), (POST, "bwd")),
            lambda c, L: c.a(POST, L) * c.g(POST, L)),
@@ -126,7 +162,7 @@ SCALARS: dict[str, Scalar] = {s.name: s for s in [
     Scalar("attn_direct_effect", "attn_head", "pair",
            "head write from key to query · final-residual target gradient (token: the head's "
            "whole direct effect)", ((PATTERN, "fwd"), (V, "fwd"), *FINAL),
-           lambda c, L: c.a(PATTERN, L) * torch.einsum("bkhd,bqd->bhqk", c.vo(L), c.g_final())),
+           _attn_direct_effect),
     Scalar("attn_act_times_grad", "attn_head", "pair",
            "attention probability × ∂target/∂probability (token: summed over keys)",
            ((PATTERN, "fwd"), (PATTERN, "bwd")), lambda c, L: c.a(PATTERN, L) * c.g(PATTERN, L)),
@@ -171,7 +207,7 @@ SAE_SCALARS = [
     Scalar("sae_direct_effect", "sae_latent", "token",
            "latent write · final-residual target gradient (final norm scale frozen)",
            ((LATENTS, "fwd"), *FINAL),
-           lambda c, i: _latents(c, i) * (c.g_final() @ _sae(c, i).W_dec.T), sae_level=True),
+           lambda c, i: _rows_times(c, _latents(c, i), _sae(c, i).W_dec), sae_level=True),
     Scalar("sae_act_times_grad", "sae_latent", "token", "latent activation × ∂target/∂activation",
            ((LATENTS, "fwd"), (LATENTS, "bwd")),
            lambda c, i: _latents(c, i) * c.cache.grads[LATENTS.format(S=_sae(c, i).info.prefix)],
