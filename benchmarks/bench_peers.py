@@ -1,7 +1,8 @@
 """Peers: act × grad for every neuron and every head (the same node scalars: neuron activation ×
 its gradient; head output · gradient = z · ∂metric/∂z summed over d_head) with actwh, with
-TransformerLens 4.3 (`TransformerBridge` caching forward and backward hooks, then the products
-a researcher would write) and with nnsight 0.8 (a trace saving values and gradients), on the
+TransformerLens 4.3 (`TransformerBridge` caching forward and backward hooks, either only the
+two sites read or every hook as `run_with_cache` does by default, then the products a
+researcher would write) and with nnsight 0.8 (a trace saving values and gradients), on the
 same checkpoint and batch.
 
     pip install -e '.[bench]'; python benchmarks/bench_peers.py [--batch 4] [--seq 128]
@@ -54,13 +55,18 @@ def main() -> None:
     def metric(logits):
         return (logits[rows, -1, t[:, -1]] - logits[rows, -1, t[:, -2]]).sum()
 
-    def tl_step():
-        cache = bridge.add_caching_hooks(lambda n: n in names, incl_bwd=True)
+    def tl_step(every_hook: bool = False):
+        # every_hook: what `run_with_cache` does by default (the issue's anchor); else only the
+        # two sites the scalars read, the fairest TransformerLens can be made
+        cache = bridge.add_caching_hooks(None if every_hook else (lambda n: n in names), incl_bwd=True)
         metric(bridge(t)).backward()
         bridge.reset_hooks()
-        mlp = torch.stack([cache[f"blocks.{L}.mlp.hook_post"] * cache[f"blocks.{L}.mlp.hook_post_grad"]
+        # Caching every hook stores the bridge's canonical names: hook_post is the input of
+        # mlp.out, hook_z the input of attn.o.
+        post, z = ("mlp.out.hook_in", "attn.o.hook_in") if every_hook else ("mlp.hook_post", "attn.hook_z")
+        mlp = torch.stack([cache[f"blocks.{L}.{post}"] * cache[f"blocks.{L}.{post}_grad"]
                            for L in range(cfg.n_layers)])
-        heads = torch.stack([(cache[f"blocks.{L}.attn.hook_z"] * cache[f"blocks.{L}.attn.hook_z_grad"]).sum(-1)
+        heads = torch.stack([(cache[f"blocks.{L}.{z}"] * cache[f"blocks.{L}.{z}_grad"]).sum(-1)
                              for L in range(cfg.n_layers)])
         return mlp, heads
 
@@ -69,6 +75,9 @@ def main() -> None:
     common = dict(device=device, model="gpt2-small-shaped-random", batch=args.batch, seq=args.seq)
     emit("act_times_grad_all_nodes", ours, "s/batch", f"transformer_lens_{version('transformer-lens')}",
          timeit(tl_step), **common)
+    emit("act_times_grad_all_nodes", ours, "s/batch",
+         f"transformer_lens_{version('transformer-lens')}_caching_every_hook",
+         timeit(lambda: tl_step(every_hook=True), repeat=3), **common)
     try:
         from nnsight import LanguageModel
     except ImportError:
