@@ -164,16 +164,23 @@ def _load_saelens(folder: Path, site: str | None) -> SparseAutoencoder:
     if activation is None:
         raise SAEError(f"{folder}: unknown SAE activation/architecture {arch!r}; "
                        f"supported: {', '.join(ACTIVATIONS)}")
-    k = (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))
-    if activation == "topk" and not k:
-        raise SAEError(f"{folder}: a topk SAE needs k in cfg.json")
-    if activation == "jumprelu" and "threshold" not in w:
-        raise SAEError(f"{weights_file}: a jumprelu SAE needs a threshold tensor")
+    k = _activation_k(cfg, w, activation, folder, weights_file, "SAE")
     hook = site or cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
     info = SAEInfo(_check_site(hook, folder), w["W_enc"].shape[0], w["W_enc"].shape[1], activation,
-                   int(k) if k else None, bool(cfg.get("apply_b_dec_to_input", False)), str(folder),
+                   k, bool(cfg.get("apply_b_dec_to_input", False)), str(folder),
                    _sha256([folder / "cfg.json", weights_file]), cfg)
     return SparseAutoencoder(info, _check_shapes(w, folder))
+
+
+def _activation_k(cfg: dict, w: dict, activation: str, folder: Path, weights_file: Path,
+                  kind: str) -> int | None:
+    """TopK's k from cfg.json (None otherwise); checks a JumpReLU has its threshold."""
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))
+    if activation == "topk" and not k:
+        raise SAEError(f"{folder}: a topk {kind} needs k in cfg.json")
+    if activation == "jumprelu" and "threshold" not in w:
+        raise SAEError(f"{weights_file}: a jumprelu {kind} needs a threshold tensor")
+    return int(k) if k else None
 
 
 def _transcoder(folder: Path, cfg: dict, w: dict, weights_file: Path, site: str | None,
@@ -187,13 +194,9 @@ def _transcoder(folder: Path, cfg: dict, w: dict, weights_file: Path, site: str 
     if hook_out and hook_out != f"blocks.{m.group(1)}.hook_mlp_out":
         raise SAEError(f"{folder}: a transcoder reading {hook} must write blocks.{m.group(1)}.hook_mlp_out, "
                        f"not {hook_out!r}")
-    k = (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))
-    if activation == "topk" and not k:
-        raise SAEError(f"{folder}: a topk transcoder needs k in cfg.json")
-    if activation == "jumprelu" and "threshold" not in w:
-        raise SAEError(f"{weights_file}: a jumprelu transcoder needs a threshold tensor")
+    k = _activation_k(cfg, w, activation, folder, weights_file, "transcoder")
     site = f"blocks.{m.group(1)}.ln2.hook_normalized"
-    info = SAEInfo(site, w["W_enc"].shape[0], w["W_enc"].shape[1], activation, int(k) if k else None,
+    info = SAEInfo(site, w["W_enc"].shape[0], w["W_enc"].shape[1], activation, k,
                    bool(cfg.get("apply_b_dec_to_input", False)), str(folder),
                    _sha256([folder / "cfg.json", weights_file]), {**cfg, "kind": "transcoder"},
                    kind="transcoder")
