@@ -244,12 +244,16 @@ def node_edges(model: HookedTransformer, batch: Batch, target: str | Target, dow
                                      grad_names=bwd)
     acts, grads = cache.acts, cache.grads
     out = []
+    plans: dict[tuple[str, int], tuple[list[Writer], str]] = {}  # what a node type in a layer reads
     with torch.no_grad():
         for v in downs:
             b, p = v.batch_index, v.pos
             r, atg = gradient_at_input(model, acts, grads, v)
             r = r.to(model.W_E.dtype)  # norm pull-backs run in float32 under bf16/fp16
-            writers, resid = reads(model, v)
+            key = (v.node_type, v.layer)
+            if key not in plans:
+                plans[key] = reads(model, v)
+            writers, resid = plans[key]
             parts, bias = [], r.new_zeros(())
             for w in writers:
                 got, w_bias = _edges_from(model, acts, w, b, p, r)
