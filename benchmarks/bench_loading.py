@@ -1,6 +1,14 @@
 """Loading: actwh's write path (Arrow batch, one transaction, read-back) for N million
 node_scalars rows vs DuckDB's raw Arrow insert of the same rows into the same schema; bytes on
-disk per row.
+disk per row, and what each column costs.
+
+Three kinds of rows:
+- `real-dense`: what `actwh populate --select dense` writes on the default model (the shipped
+  IOI prompts), repeated with fresh prompt ids up to N rows;
+- `real-topk`: what the default `--select top-k:20:mlp_act_times_grad` writes on every shipped
+  prompt, repeated likewise;
+- `synthetic-random`: random positions, layers, node indices, scalars and values (a worst case
+  for the keys; what session 1 measured).
 
     python benchmarks/bench_loading.py [--rows 10_000_000] [--batch-rows 1_000_000]
 """
@@ -9,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +27,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from common import emit
 
@@ -39,33 +51,67 @@ def synthetic(n: int, run_id: int, first_prompt: int, rng) -> pa.Table:
     })
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=10_000_000)
-    ap.add_argument("--batch-rows", type=int, default=1_000_000)
-    args = ap.parse_args()
+def populated_rows(tmp: Path, select: str, prompt_kinds: tuple[str, ...]) -> pa.Table:
+    """node_scalars exactly as a real `actwh populate` on the default model wrote them."""
+    from actwh.compute.default_model import default_prompts
+
+    prompts = tmp / f"prompts-{select.replace(':', '_')}.jsonl"
+    prompts.write_text("".join(default_prompts(k).read_text() for k in prompt_kinds))
+    db = tmp / f"populated-{select.replace(':', '_')}.duckdb"
+    subprocess.run([sys.executable, "-m", "actwh.cli", "populate", str(prompts), "--db", str(db),
+                    "--select", select, "--top", "0"], check=True, capture_output=True)
+    con = duckdb.connect(str(db), read_only=True)
+    # the file's own row order is the write order, batch by batch
+    rows = con.execute("SELECT * FROM node_scalars").to_arrow_table()
+    con.close()
+    return rows
+
+
+def repeated(rows: pa.Table, n: int, batch_rows: int) -> list[pa.Table]:
+    """`rows` repeated with fresh prompt ids until n rows, cut into batches at prompt bounds."""
+    from actwh.compute.scalars import NODE_TYPES, SCALARS
+
+    # Arrow dictionaries in the writer's enum order, as the runner builds them
+    rows = rows.set_column(4, "node_type", pa.DictionaryArray.from_arrays(
+        pa.array([NODE_TYPES.index(v) for v in rows["node_type"].to_pylist()], pa.int8()),
+        pa.array(NODE_TYPES)))
+    rows = rows.set_column(6, "scalar", pa.DictionaryArray.from_arrays(
+        pa.array([tuple(SCALARS).index(v) for v in rows["scalar"].to_pylist()], pa.int8()),
+        pa.array(tuple(SCALARS))))
+    span = pc.max(rows["prompt_id"]).as_py() + 1
+    per_batch = max(1, batch_rows // rows.num_rows)
+    copies = max(1, round(n / rows.num_rows))
+    batches, copy = [], 0
+    while copy < copies:
+        k = min(per_batch, copies - copy)
+        batches.append(pa.concat_tables(
+            rows.set_column(1, "prompt_id", pc.add(rows["prompt_id"], pa.scalar((copy + i) * span, pa.int32())))
+            for i in range(k)))
+        copy += k
+    return batches
+
+
+def empty_prompts() -> pa.Table:
+    return pa.table({"run_id": pa.array([], pa.int32()), "prompt_id": pa.array([], pa.int32()),
+                     "text": pa.array([], pa.string()), "n_tokens": pa.array([], pa.int32())})
+
+
+def write_both(tmp: Path, tag: str, batches: list[pa.Table]) -> dict[str, float]:
     from actwh.compute.scalars import NODE_TYPES, SCALARS
     from actwh.warehouse import WarehouseWriter
 
-    rng = np.random.default_rng(0)
-    batches = [synthetic(args.batch_rows, 1, i * args.batch_rows // 2000, rng)
-               for i in range(args.rows // args.batch_rows)]
-    tmp = Path(tempfile.mkdtemp())
-    prompts = pa.table({"run_id": pa.array([], pa.int32()), "prompt_id": pa.array([], pa.int32()),
-                        "text": pa.array([], pa.string()), "n_tokens": pa.array([], pa.int32())})
-
-    ours = WarehouseWriter(tmp / "actwh.duckdb", NODE_TYPES, tuple(SCALARS))
+    ours = WarehouseWriter(tmp / f"{tag}-actwh.duckdb", NODE_TYPES, tuple(SCALARS))
     t0 = time.perf_counter()
     for b in batches:
-        ours.append_batch(1, {"prompts": prompts, "node_scalars": b})
+        ours.append_batch(1, {"prompts": empty_prompts(), "node_scalars": b})
     with ours.connection() as con:
         con.execute("CHECKPOINT")
     t_ours = time.perf_counter() - t0
 
     # Baseline: the same schema (copied from a fresh actwh file), one open connection, a plain
     # INSERT ... SELECT per batch, no transaction bookkeeping.
-    WarehouseWriter(tmp / "raw.duckdb", NODE_TYPES, tuple(SCALARS))
-    con = duckdb.connect(str(tmp / "raw.duckdb"))
+    WarehouseWriter(tmp / f"{tag}-raw.duckdb", NODE_TYPES, tuple(SCALARS))
+    con = duckdb.connect(str(tmp / f"{tag}-raw.duckdb"))
     t0 = time.perf_counter()
     for b in batches:
         con.register("batch_rows", b)
@@ -74,12 +120,67 @@ def main() -> None:
     con.execute("CHECKPOINT")
     t_raw = time.perf_counter() - t0
     con.close()
-    n = len(batches) * args.batch_rows
-    emit("write_rows_per_s", n / t_ours, "rows/s", "duckdb_raw_arrow_insert_rows_per_s", n / t_raw,
-         model="synthetic", batch=args.batch_rows)
-    size = os.path.getsize(tmp / "actwh.duckdb")
-    emit("bytes_per_node_row", size / n, "bytes/row", "duckdb_raw_bytes_per_row",
-         os.path.getsize(tmp / "raw.duckdb") / n, model="synthetic", batch=args.batch_rows)
+    empty = tmp / f"{tag}-empty.duckdb"
+    WarehouseWriter(empty, NODE_TYPES, tuple(SCALARS))
+    base = os.path.getsize(empty)  # the schema, views and catalogue of an empty warehouse
+    return dict(t_ours=t_ours, t_raw=t_raw,
+                bytes_ours=os.path.getsize(tmp / f"{tag}-actwh.duckdb") - base,
+                bytes_raw=os.path.getsize(tmp / f"{tag}-raw.duckdb") - base)
+
+
+def column_bytes(tmp: Path, batches: list[pa.Table]) -> dict[str, float]:
+    """Bytes each column takes on its own: a one-column table with the warehouse's own column
+    type (the ENUMs included), the same rows in the same order, in a copy of an empty warehouse."""
+    from actwh.compute.scalars import NODE_TYPES, SCALARS
+    from actwh.warehouse import WarehouseWriter
+
+    empty = tmp / "columns-empty.duckdb"
+    WarehouseWriter(empty, NODE_TYPES, tuple(SCALARS))
+    rows = pa.concat_tables(batches)
+    out = {}
+    for col in rows.column_names:
+        path = tmp / f"column-{col}.duckdb"
+        shutil.copy(empty, path)
+        con = duckdb.connect(str(path))
+        con.execute(f"CREATE TABLE one_column AS SELECT {col} FROM node_scalars WHERE false")
+        con.register("rows", rows.select([col]))
+        con.execute("INSERT INTO one_column SELECT * FROM rows")
+        con.execute("CHECKPOINT")
+        con.close()
+        out[col] = (os.path.getsize(path) - os.path.getsize(empty)) / rows.num_rows
+        path.unlink()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--batch-rows", type=int, default=1_000_000)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+
+    rng = np.random.default_rng(0)
+    kinds = {
+        "real-dense": repeated(populated_rows(tmp, "dense", ("ioi",)), args.rows, args.batch_rows),
+        "real-topk": repeated(populated_rows(tmp, "top-k:20:mlp_act_times_grad",
+                                             ("ioi", "induction", "successor")),
+                              args.rows, args.batch_rows),
+        "synthetic-random": [synthetic(args.batch_rows, 1, i * args.batch_rows // 2000, rng)
+                             for i in range(args.rows // args.batch_rows)],
+    }
+    for kind, batches in kinds.items():
+        n = sum(b.num_rows for b in batches)
+        got = write_both(tmp, kind, batches)
+        emit("write_rows_per_s", n / got["t_ours"], "rows/s", "duckdb_raw_arrow_insert_rows_per_s",
+             n / got["t_raw"], model=kind, batch=args.batch_rows, rows=n)
+        emit("bytes_per_node_row", got["bytes_ours"] / n, "bytes/row", "duckdb_raw_bytes_per_row",
+             got["bytes_raw"] / n, model=kind, batch=args.batch_rows, rows=n)
+        if kind.startswith("real"):
+            per_col = column_bytes(tmp, batches)
+            emit("value_column_bytes_per_row", per_col["value"], "bytes/row", model=kind, rows=n,
+                 columns={k: round(v, 3) for k, v in per_col.items()})
+        for f in tmp.glob(f"{kind}-*.duckdb"):
+            f.unlink()
 
 
 if __name__ == "__main__":

@@ -106,8 +106,10 @@ def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
             if s.node_type == "sae_latent":  # only active latents are candidates (act × grad = 0 else)
                 rank = rank.masked_fill(rank == 0, float("nan"))
             keeps[s.node_type] = _keep_mask(rank, real, sel)
-        keep = keeps[s.node_type]
-        bi, pi, li, ni = keep.nonzero(as_tuple=True)
+        # Within a prompt, rows go scalar by scalar, then node by node (layer, index), then by
+        # position: keys repeat in runs, and DuckDB stores a dense run's rows ~14% smaller than
+        # position-major (top-k rows: the same size; benchmarks/bench_loading.py).
+        bi, li, ni, pi = keeps[s.node_type].permute(0, 2, 3, 1).nonzero(as_tuple=True)
         if s.embed_level:
             layer = li - 1
         elif s.sae_level:
