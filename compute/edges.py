@@ -70,13 +70,21 @@ def norm_vjp(model, normalized: torch.Tensor, scale: torch.Tensor, g: torch.Tens
     """Jᵀg for x ↦ normalized(x) at each position (LayerNorm centres, RMSNorm does not).
 
     normalized, scale: [b, p, d], [b, p, 1]; g: [b, p, ..., d] (extra node dims allowed).
+    Jᵀg = s·(g − mean(g) − n·mean((g − mean(g))·n)); written as two reductions and two fused
+    passes over g, since g is the largest tensor of the edge computation ([b, p, heads, d]).
     """
-    extra = g.dim() - normalized.dim()
-    n = normalized.reshape(*normalized.shape[:2], *([1] * extra), normalized.shape[-1])
-    s = scale.reshape(*scale.shape[:2], *([1] * extra), 1)
+    b, p, d = normalized.shape
+    gf = g.reshape(b, p, -1, d)  # [b, p, X, d]
+    s = scale.reshape(b, p, 1, 1).to(g.dtype)
+    n = normalized.reshape(b, p, 1, d).to(g.dtype)
+    k = (gf @ n.transpose(-1, -2)) / d  # mean(g·n): [b, p, X, 1]
     if model.cfg.norm == "layernorm":
-        g = g - g.mean(-1, keepdim=True)
-    return s * (g - n * (g * n).mean(-1, keepdim=True))
+        m = gf.mean(-1, keepdim=True)
+        k = k - m * n.mean(-1, keepdim=True)  # mean(n) is 0 up to rounding; kept for exactness
+        out = torch.addcmul(-(s * m), gf, s, out=torch.empty_like(gf))
+    else:
+        out = torch.mul(gf, s, out=torch.empty_like(gf))
+    return out.addcmul_(n, s * k, value=-1).view(g.shape)  # in g's memory layout
 
 
 def _sites(model: HookedTransformer):
@@ -100,25 +108,34 @@ def upstream_outputs(model: HookedTransformer, acts) -> torch.Tensor:
         z = acts[f"blocks.{L}.attn.hook_z"]
         outs += list(torch.einsum("bphe,hed->hbpd", z, block.attn.W_O))
         outs.append(acts[f"blocks.{L}.hook_mlp_out"])
-    return torch.stack(outs, dim=2)
+    # node-major in memory: the position-summed edge matmuls read it as [b, U, p·d], no copy
+    return torch.stack(outs, dim=1).transpose(1, 2)
 
 
-def downstream_grads(model: HookedTransformer, acts, grads, last: str) -> list[torch.Tensor]:
+def downstream_grads(model: HookedTransformer, acts, grads, last: str,
+                     mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """∂metric/∂in_v for the downstream nodes, one [batch, pos, n, d_model] tensor per group
-    (each layer's q, k, v heads and its MLP, then the target), in `downstream_nodes` order."""
+    (each layer's q, k, v heads and its MLP, then the target), in `downstream_nodes` order.
+    mask [batch, pos]: zeroes padding positions (applied to the small per-head gradients, before
+    they are pulled back to d_model)."""
+    def masked(t: torch.Tensor) -> torch.Tensor:  # t: [b, p, n, ...]
+        return t if mask is None else t * mask[:, :, None, None].to(t.dtype)
+
     out = []
     for L, block in enumerate(model.blocks):
         p = f"blocks.{L}."
         attn = block.attn
         n1, s1 = acts[p + "ln1.hook_normalized"], acts[p + "ln1.hook_scale"]
         for site, W in (("q", attn.W_Q), ("k", attn.W_K), ("v", attn.W_V)):
-            g_site = grads[p + f"attn.hook_{site}"]  # [b, p, heads, d_head]
-            g_norm = torch.einsum("bphe,hde->bphd", g_site, W) * block.ln1.w
+            g_site = masked(grads[p + f"attn.hook_{site}"])  # [b, p, heads, d_head]
+            # head-major in memory, so the edge matmuls read each head's rows without a copy
+            g_norm = torch.einsum("bphe,hde->hbpd", g_site, W * block.ln1.w[:, None])
+            g_norm = g_norm.permute(1, 2, 0, 3)
             out.append(norm_vjp(model, n1, s1, g_norm))
         g_mlp = norm_vjp(model, acts[p + "ln2.hook_normalized"], acts[p + "ln2.hook_scale"],
-                         grads[p + "ln2.hook_normalized"])
-        out.append(g_mlp[:, :, None, :])
-    out.append(grads[last][:, :, None, :])
+                         masked(grads[p + "ln2.hook_normalized"][:, :, None, :]))
+        out.append(g_mlp)
+    out.append(masked(grads[last][:, :, None, :]))
     return out
 
 
@@ -181,15 +198,14 @@ def component_edges(model: HookedTransformer, batch: Batch, target: str | Target
                      for n in embed_names]
             step = model.run_with_cache(batch.tokens, fwd, attention_mask=batch.mask,
                                         backward_of=metric_fn, grad_names=bwd, fwd_hooks=hooks)
-            g = downstream_grads(model, step.acts, step.grads, last)
+            g = downstream_grads(model, step.acts, step.grads, last, batch.mask)
             groups = g if groups is None else [a + b for a, b in zip(groups, g)]
         groups = [g / ig_steps for g in groups]
     else:
-        groups = downstream_grads(model, clean.acts, clean.grads, last)
+        groups = downstream_grads(model, clean.acts, clean.grads, last, batch.mask)
     up, down = upstream_nodes(model), downstream_nodes(model)
     b, n_pos = batch.tokens.shape
     U, V = len(up), len(down)
-    real = batch.mask.to(out.dtype)[:, :, None, None]
     # Attention output biases are bias terms: the running sum over layers feeds each group.
     b_O = torch.cumsum(torch.stack([torch.zeros_like(model.blocks[0].attn.b_O)]
                                    + [blk.attn.b_O for blk in model.blocks]), 0)
@@ -207,17 +223,19 @@ def component_edges(model: HookedTransformer, batch: Batch, target: str | Target
         else:
             ups = out.permute(0, 2, 1, 3).reshape(b, U, n_pos * d)
         for g, (x, n_up, n_attn) in zip(groups, group_layout(model, clean.acts, last)):
-            g = (g * real).to(out.dtype)  # norm pull-backs run in float32 under bf16/fp16
+            g = g.to(out.dtype)  # norm pull-backs run in float32 under bf16/fp16; padding is zero
             n = g.shape[2]
             cols = slice(col, col + n)
             if positions == "each":
                 prod = ups[:, :n_up] @ g.reshape(b * n_pos, n, d).transpose(1, 2)
                 values[:, :, :n_up, cols] = prod.view(b, n_pos, n_up, n)
             else:
-                values[:, :n_up, cols] = ups[:, :n_up] @ g.permute(0, 1, 3, 2).reshape(b, n_pos * d, n)
+                # attention groups are head-major in memory (downstream_grads): a view, no copy
+                g_rows = g.permute(0, 2, 1, 3).reshape(b, n, n_pos * d)
+                values[:, :n_up, cols] = ups[:, :n_up] @ g_rows.transpose(1, 2)
             allowed[:n_up, cols] = True
             bias[:, :, cols] = g @ b_O[n_attn]
-            in_dot_grad[:, :, cols] = (x * g).sum(-1)
+            in_dot_grad[:, :, cols] = (g @ x.transpose(-1, -2)).squeeze(-1)
             col += n
     return EdgeResults(values, up, down, allowed, bias, in_dot_grad,
                        target.metric(clean.logits, batch), corrupt_metric)
