@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,20 @@ from common import emit, gpt2_small_shaped
 
 
 def run(model: str | None, prompts: Path, db: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one `actwh populate` process."""
     cmd = [sys.executable, "-m", "actwh.cli", "populate", str(prompts), "--db", str(db), "--top", "0",
            "--batch-size", "8"] + (["--model", model] if model else [])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    err = tempfile.TemporaryFile()
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    # wait4 gives this child's own rusage: RUSAGE_CHILDREN would also count whatever this
+    # process's parent ran before exec'ing it (a shell running the other benchmarks, say)
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024  # MiB (ru_maxrss is KiB on Linux)
+    if os.waitstatus_to_exitcode(status):
+        err.seek(0)
+        raise SystemExit(f"populate failed: {err.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024  # MiB (ru_maxrss is KiB on Linux)
 
 
 def main() -> None:

@@ -126,18 +126,18 @@ def _rows_times(c: Ctx, acts: torch.Tensor, W_write: torch.Tensor) -> torch.Tens
 
 
 def _attn_direct_effect(c: Ctx, L: int) -> torch.Tensor:
-    # pattern[q, k] · (v_k W_O) · g[q], with g pulled back through W_O first: [n, head, d_head]
-    attn, (bi, qi) = c.model.blocks[L].attn, c.rows()
-    back = torch.einsum("hed,nd->nhe", attn.W_O, c.g_final()[bi, qi])
+    # pattern[q, k] · (v_k W_O) · g[q], with g pulled back through W_O first (non-zero only at
+    # the rows the target reads), then one batched matmul over (batch, head): gathering v per
+    # read row instead would copy v once per row, b·p times for the loss target.
+    attn, rows = c.model.blocks[L].attn, c.rows()
     v = c.a(V, L)
     group = c.model.cfg.n_heads // c.model.cfg.n_kv_heads
     if group > 1:
         v = v.repeat_interleave(group, dim=2)
-    per_key = torch.einsum("nkhe,nhe->nhk", v[bi], back) * c.a(PATTERN, L)[bi, :, qi, :]
-    b, p = c.batch.tokens.shape
-    out = per_key.new_zeros(b, p, attn.W_O.shape[0], p)  # [b, q, h, k] for the row scatter
-    out[bi, qi] = per_key
-    return out.permute(0, 2, 1, 3)  # [b, h, q, k]
+    b, p, h, e = v.shape
+    back = v.new_zeros(b, p, h, e)  # [b, q, head, d_head]
+    back[rows] = torch.einsum("hed,nd->nhe", attn.W_O, c.g_final()[rows])
+    return torch.einsum("bkhe,bqhe->bhqk", v, back) * c.a(PATTERN, L)  # [b, h, q, k]
 
 
 SCALARS: dict[str, Scalar] = {s.name: s for s in [

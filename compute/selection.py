@@ -86,6 +86,22 @@ def _keep_mask(rank: torch.Tensor, real: torch.Tensor, sel: Selection) -> torch.
     return keep.view_as(score)
 
 
+def _node_major(keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Kept entries of keep [b, p, L, n] as (b, L, n, p) indices, in that order.
+
+    Within a prompt, rows go node by node (layer, index), then by position: keys repeat in runs,
+    and DuckDB stores a dense run's rows ~14% smaller than position-major ones (top-k rows: the
+    same size; benchmarks/bench_loading.py). A few kept entries are found in the mask's own
+    layout and sorted; many, in a node-major copy of the mask (nonzero is slow on a permuted view).
+    """
+    b, p, L, n = keep.shape
+    if int(keep.sum()) * 16 < keep.numel():
+        bi, pi, li, ni = keep.nonzero(as_tuple=True)
+        order = (((bi * L + li) * n + ni) * p + pi).argsort()
+        return bi[order], li[order], ni[order], pi[order]
+    return keep.permute(0, 2, 3, 1).contiguous().nonzero(as_tuple=True)
+
+
 def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
                sae_layers: tuple[int, ...] = ()) -> Columns:
     """sae_layers: the layer of each spliced autoencoder, in slot order."""
@@ -106,10 +122,7 @@ def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
             if s.node_type == "sae_latent":  # only active latents are candidates (act × grad = 0 else)
                 rank = rank.masked_fill(rank == 0, float("nan"))
             keeps[s.node_type] = _keep_mask(rank, real, sel)
-        # Within a prompt, rows go scalar by scalar, then node by node (layer, index), then by
-        # position: keys repeat in runs, and DuckDB stores a dense run's rows ~14% smaller than
-        # position-major (top-k rows: the same size; benchmarks/bench_loading.py).
-        bi, li, ni, pi = keeps[s.node_type].permute(0, 2, 3, 1).nonzero(as_tuple=True)
+        bi, li, ni, pi = _node_major(keeps[s.node_type])
         if s.embed_level:
             layer = li - 1
         elif s.sae_level:
