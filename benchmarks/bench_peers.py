@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import emit, gpt2_small_shaped, timeit
+from common import emit, gpt2_small_shaped, timeit_pair
 
 SCALARS = ("mlp_act_times_grad", "attn_head_act_times_grad")
 
@@ -44,7 +44,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, cfg.d_vocab, (args.batch, args.seq), generator=g)
     b = Batch(tokens, torch.ones_like(tokens), tokens[:, -1], tokens[:, -2])
-    ours = timeit(lambda: compute_scalars(loaded.model, b, "logit_diff", SCALARS))
+
+    def ours_step():
+        return compute_scalars(loaded.model, b, "logit_diff", SCALARS)
 
     bridge = TransformerBridge.boot_transformers(str(folder), tokenizer=AutoTokenizer.from_pretrained(folder))
     bridge.to(device)
@@ -73,11 +75,12 @@ def main() -> None:
     from importlib.metadata import version
 
     common = dict(device=device, model="gpt2-small-shaped-random", batch=args.batch, seq=args.seq)
-    emit("act_times_grad_all_nodes", ours, "s/batch", f"transformer_lens_{version('transformer-lens')}",
-         timeit(tl_step), **common)
-    emit("act_times_grad_all_nodes", ours, "s/batch",
-         f"transformer_lens_{version('transformer-lens')}_caching_every_hook",
-         timeit(lambda: tl_step(every_hook=True), repeat=3), **common)
+    tl = f"transformer_lens_{version('transformer-lens')}"
+    # each peer is timed in rounds alternating with actwh's own step (timeit_pair)
+    ours, theirs = timeit_pair(ours_step, tl_step)
+    emit("act_times_grad_all_nodes", ours, "s/batch", tl, theirs, **common)
+    ours, theirs = timeit_pair(ours_step, lambda: tl_step(every_hook=True))
+    emit("act_times_grad_all_nodes", ours, "s/batch", f"{tl}_caching_every_hook", theirs, **common)
     try:
         from nnsight import LanguageModel
     except ImportError:
@@ -102,8 +105,8 @@ def main() -> None:
         heads = torch.stack([(zs[L] * gz[L]).unflatten(-1, (h, -1)).sum(-1) for L in range(cfg.n_layers)])
         return mlp, heads
 
-    emit("act_times_grad_all_nodes", ours, "s/batch", f"nnsight_{version('nnsight')}",
-         timeit(nnsight_step), **common)
+    ours, theirs = timeit_pair(ours_step, nnsight_step)
+    emit("act_times_grad_all_nodes", ours, "s/batch", f"nnsight_{version('nnsight')}", theirs, **common)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,24 @@ def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def timeit_pair(fn_a, fn_b, repeat: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """Median seconds of fn_a and of fn_b, timed in alternating rounds (a, b, a, b, ...) so that
+    drift in the machine's speed lands on both sides of the ratio."""
+    import torch
+
+    def once(fn):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        once(fn_a), once(fn_b)
+    a, b = zip(*((once(fn_a), once(fn_b)) for _ in range(repeat)))
+    return statistics.median(a), statistics.median(b)
+
+
 def emit(name, value, unit, baseline=None, baseline_value=None, device="cpu", model="", batch=None,
          seq=None, **extra) -> None:
     ratio = None if not baseline_value else round(value / baseline_value, 3)
