@@ -16,6 +16,8 @@ from pathlib import Path
 from actwh.compute.default_model import PROMPTS, WEIGHTS
 
 CARD = WEIGHTS / "MODEL_CARD.md"
+# what a rerun of the trainer gave (checked by hand, see the card's Reproducing paragraph)
+REPRODUCED = "A rerun's figures within one point of these is expected but has not been checked."
 
 
 def measure_accuracy(seed: int = 2026, n: int = 400) -> dict:
@@ -105,10 +107,12 @@ def main() -> None:
         "IOI was learned within ~400 steps of the mix, in-context copying broke through there "
         "after ~3,000 more.", "",
         "Reproducing: `python -m actwh.compute.default_model.train --seed 0` regenerates the corpus, "
-        "tokenizer and weights. The learning-rate drop (at 85% of `--minutes`) and the deadline "
-        "follow the wall clock, so a faster or busier machine reaches a given step at another "
-        "time; this run shared a 2-core machine with other work. A rerun's figures within one "
-        "point of these is expected but has not been checked.", "",
+        "tokenizer and weights. The schedule counts steps, not minutes: `--steps 9500`, with the "
+        "learning rate dropping to 30% after 85% of them (this run stopped before the drop); the "
+        "curriculum advances on measured accuracy or at each stage's step cap; `--minutes` adds "
+        "an optional wall-clock deadline. This run was made with a trainer whose learning-rate "
+        "drop and deadline followed the wall clock (neither was reached) and whose induction "
+        f"probes sampled words in the vocabulary's process-dependent order. {REPRODUCED}", "",
         "| step | minutes | stage | IOI held-out pairs | IOI unseen names | induction span 10 | span 25 |",
         "|---|---|---|---|---|---|---|",
         *[f"| {c['step']} | {c['minutes']} | {c['stage']} | {c['ioi_held_out_pairs']:.3f} | "
