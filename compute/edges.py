@@ -74,9 +74,11 @@ def norm_vjp(model, normalized: torch.Tensor, scale: torch.Tensor, g: torch.Tens
     passes over g, since g is the largest tensor of the edge computation ([b, p, heads, d]).
     """
     b, p, d = normalized.shape
-    gf = g.reshape(b, p, -1, d)  # [b, p, X, d]
-    s = scale.reshape(b, p, 1, 1).to(g.dtype)
-    n = normalized.reshape(b, p, 1, d).to(g.dtype)
+    # the widest of the three (norm statistics are kept in float32 under bf16/fp16)
+    dt = torch.promote_types(torch.promote_types(g.dtype, normalized.dtype), scale.dtype)
+    gf = g.reshape(b, p, -1, d).to(dt)  # [b, p, X, d]
+    s = scale.reshape(b, p, 1, 1).to(dt)
+    n = normalized.reshape(b, p, 1, d).to(dt)
     k = (gf @ n.transpose(-1, -2)) / d  # mean(g·n): [b, p, X, 1]
     if model.cfg.norm == "layernorm":
         m = gf.mean(-1, keepdim=True)
@@ -84,7 +86,7 @@ def norm_vjp(model, normalized: torch.Tensor, scale: torch.Tensor, g: torch.Tens
         out = torch.addcmul(-(s * m), gf, s, out=torch.empty_like(gf))
     else:
         out = torch.mul(gf, s, out=torch.empty_like(gf))
-    return out.addcmul_(n, s * k, value=-1).view(g.shape)  # in g's memory layout
+    return out.addcmul_(n, s * k, value=-1).view(*g.shape[:-1], d)  # in g's memory layout
 
 
 def _sites(model: HookedTransformer):
