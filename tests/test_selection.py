@@ -37,3 +37,36 @@ def test_top_k_threshold_and_dense_on_known_values():
     assert len(kept("dense")) == 8  # every real position, never the pad
     cols = to_columns(res, ["mlp_act_times_grad"], Selection.parse("dense"), [7])
     assert set(cols.node["prompt_id"].tolist()) == {7}
+
+
+@pytest.mark.parametrize("rule", ["top-k:6:mlp_act_times_grad", "dense"])
+def test_rows_go_prompt_scalar_then_node_then_position(rule):
+    # The write order DuckDB compresses best (benchmarks/bench_loading.py); both ways of finding
+    # it (sorting a few kept entries, scanning a node-major mask) must give it, and every kept
+    # entry exactly once.
+    g = torch.Generator().manual_seed(3)
+    b, p, L, n = 3, 5, 2, 7
+    token = {name: torch.randn(b, p, L, n, generator=g) for name in ("mlp_act_times_grad", "mlp_post_act")}
+    mask = torch.ones(b, p, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    res = ScalarResults(token, {}, torch.zeros(b), torch.zeros(b), mask,
+                        Plan((), frozenset(), frozenset(), False))
+    names = ["mlp_post_act", "mlp_act_times_grad"]
+    cols = to_columns(res, names, Selection.parse(rule), [10, 11, 12]).node
+    keys = list(zip(cols["prompt_id"].tolist(), cols["scalar"].tolist(), cols["layer"].tolist(),
+                    cols["node_index"].tolist(), cols["position"].tolist()))
+    # prompts ascending; within a prompt, scalars in request order, then (layer, index, position)
+    order = {s: i for i, s in enumerate(names)}
+    from actwh.compute.scalars import SCALARS
+    ids = tuple(SCALARS)
+    rank = [(k[0], order[ids[k[1]]], k[2], k[3], k[4]) for k in keys]
+    assert rank == sorted(rank) and len(set(rank)) == len(rank)
+    # the values are the tensor's at those coordinates (positions count from the first real token)
+    offset = {10: 0, 11: 2, 12: 0}
+    for (pid, s, layer, idx, pos), v in zip(keys, cols["value"].tolist()):
+        assert v == token[ids[s]][pid - 10, pos + offset[pid], layer, idx].item()
+    per_prompt = 6 if rule.startswith("top-k") else None
+    for pid in (10, 11, 12):
+        n_rows = sum(k[0] == pid for k in keys)
+        real = int(mask[pid - 10].sum())
+        assert n_rows == 2 * (per_prompt or real * L * n)
