@@ -170,6 +170,7 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
                     tokenizer.save_pretrained(out)
                     (out / "train_summary.json").write_text(json.dumps(
                         {**record, "seed": seed, "threads": threads, "batch": batch, "seq": seq,
+                         "steps": steps, "deadline_minutes": minutes,
                          "n_params": sum(p.numel() for p in model.parameters())}, indent=1))
                 if m["ioi_held_out_pairs"] >= 0.98 and m["induction_span10"] >= 0.98:
                     break
