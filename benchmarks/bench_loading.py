@@ -142,7 +142,8 @@ def column_bytes(tmp: Path, batches: list[pa.Table]) -> dict[str, float]:
         path = tmp / f"column-{col}.duckdb"
         shutil.copy(empty, path)
         con = duckdb.connect(str(path))
-        con.execute(f"CREATE TABLE one_column AS SELECT {col} FROM node_scalars WHERE false")
+        # col is an identifier from node_scalars' own column list (identifiers cannot be bound)
+        con.execute(f'CREATE TABLE one_column AS SELECT "{col}" FROM node_scalars WHERE false')
         con.register("rows", rows.select([col]))
         con.execute("INSERT INTO one_column SELECT * FROM rows")
         con.execute("CHECKPOINT")

@@ -144,7 +144,7 @@ class MLP(nn.Module):
 
         # GPT-2's gelu_new is the tanh-approximate GELU written as eight elementwise ops (and as
         # many in the backward pass); PyTorch's fused kernel computes the same function to within
-        # float32 rounding (≤ 5e-7 here) and took a fifth of a GPT-2-small act × grad step.
+        # float32 rounding (≤ 5e-7 here); a GPT-2-small act × grad step is ~9% faster with it.
         self.act = ACT2FN[FUSED_ACTIVATIONS.get(cfg.act, cfg.act)]
         self.gated = cfg.gated_mlp
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))  # the gate in gated MLPs

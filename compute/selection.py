@@ -111,6 +111,7 @@ def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
     pids = torch.as_tensor(np.asarray(prompt_ids), device=real.device)
     scalar_names = tuple(SCALARS)
     keeps: dict[str, torch.Tensor] = {}
+    kept: dict[str, tuple[torch.Tensor, ...]] = {}  # node type -> its kept (b, L, n, p) indices
     node_parts, pair_parts = [], []
     for name in requested:
         s = SCALARS[name]
@@ -122,7 +123,8 @@ def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
             if s.node_type == "sae_latent":  # only active latents are candidates (act × grad = 0 else)
                 rank = rank.masked_fill(rank == 0, float("nan"))
             keeps[s.node_type] = _keep_mask(rank, real, sel)
-        bi, li, ni, pi = _node_major(keeps[s.node_type])
+            kept[s.node_type] = _node_major(keeps[s.node_type])
+        bi, li, ni, pi = kept[s.node_type]
         if s.embed_level:
             layer = li - 1
         elif s.sae_level:
