@@ -19,15 +19,21 @@ from actwh.errors import SAEError
 from conftest import PROMPTS, padded_batch, write_prompts
 
 
-def write_saelens(folder, d_in, d_sae, site, arch="standard", seed=0, new_layout=True, **extra):
-    """A folder in SAELens' documented layout (cfg.json + sae_weights.safetensors)."""
+def write_random_weights(folder, d_in, d_sae, seed=0, jumprelu=False):
+    """sae_weights.safetensors with seeded random encoder/decoder (and JumpReLU thresholds)."""
     g = torch.Generator().manual_seed(seed)
     w = {"W_enc": torch.randn(d_in, d_sae, generator=g) * 0.3, "b_enc": torch.randn(d_sae, generator=g) * 0.1,
          "W_dec": torch.randn(d_sae, d_in, generator=g) * 0.3, "b_dec": torch.randn(d_in, generator=g) * 0.1}
-    if arch == "jumprelu":
+    if jumprelu:
         w["threshold"] = torch.rand(d_sae, generator=g) * 0.2
     folder.mkdir(parents=True, exist_ok=True)
     save_file(w, folder / "sae_weights.safetensors")
+    return w
+
+
+def write_saelens(folder, d_in, d_sae, site, arch="standard", seed=0, new_layout=True, **extra):
+    """A folder in SAELens' documented layout (cfg.json + sae_weights.safetensors)."""
+    w = write_random_weights(folder, d_in, d_sae, seed, jumprelu=arch == "jumprelu")
     cfg = {"d_in": d_in, "d_sae": d_sae, "architecture": arch, "apply_b_dec_to_input": True, **extra}
     if new_layout:
         cfg["metadata"] = {"hook_name": site}

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 from actwh.cli.main import cli
 from actwh.compute.loading import load_model
@@ -17,18 +16,12 @@ from actwh.compute.targets import TARGETS, Batch
 from actwh.errors import SAEError
 
 from conftest import PROMPTS, padded_batch, write_prompts
-from test_sae import write_saelens
+from test_sae import write_random_weights, write_saelens
 
 
 def write_transcoder(folder, d, d_sae, layer, arch="transcoder", seed=0, **extra):
     """A transcoder in SAELens 6's layout: reads blocks.L.ln2.hook_normalized, writes hook_mlp_out."""
-    g = torch.Generator().manual_seed(seed)
-    w = {"W_enc": torch.randn(d, d_sae, generator=g) * 0.3, "b_enc": torch.randn(d_sae, generator=g) * 0.1,
-         "W_dec": torch.randn(d_sae, d, generator=g) * 0.3, "b_dec": torch.randn(d, generator=g) * 0.1}
-    if arch == "jumprelu_transcoder":
-        w["threshold"] = torch.rand(d_sae, generator=g) * 0.2
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(w, folder / "sae_weights.safetensors")
+    w = write_random_weights(folder, d, d_sae, seed, jumprelu=arch == "jumprelu_transcoder")
     cfg = {"d_in": d, "d_sae": d_sae, "d_out": d, "architecture": arch, "apply_b_dec_to_input": False,
            "metadata": {"hook_name": f"blocks.{layer}.ln2.hook_normalized",
                         "hook_name_out": f"blocks.{layer}.hook_mlp_out"}, **extra}
