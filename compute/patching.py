@@ -1,0 +1,254 @@
+"""Patched forward passes: the model run with a circuit's edges kept and every other edge patched.
+
+A component-graph edge u → v carries u's write into v's own copy of the residual stream (DESIGN.md,
+"Edge attribution": upstream `embed` / `attn_head` / `mlp`, downstream each head's q, k and v
+input, each MLP's input and the target). Patching the edge replaces that write, for v alone, by
+u's baseline write:
+
+    in_v = resid_v − Σ_{u → v patched} (out_u − base_u)
+
+where resid_v is the residual stream v reads in this (patched) run and out_u is u's write in this
+run, so patches compose as in EAP-IG's `evaluate_graph`. Every downstream input is patched
+separately, per prompt, inside one forward pass (batched over prompts): nothing patched gives the
+clean logits, everything patched gives the baseline run (the corrupted prompt's logits for the
+corrupt baseline). Baselines: `"zero"` (base_u = 0), corrupted token ids (base_u = u's write on
+the corrupted prompt, read with the clean prompt's attention mask) or precomputed writes such as
+`mean_writes(...)` (per position, over prompts). Attention output biases belong to no head and
+are never patched; an MLP node's write includes its output bias.
+
+Node sets: `run_nodes_patched` replaces the writes of every node outside a kept set (heads,
+whole MLPs, neurons, autoencoder latents) by their baseline values, i.e. activation patching.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from actwh.compute.edges import Node, downstream_nodes, upstream_nodes
+from actwh.compute.model import HookedTransformer
+from actwh.compute.targets import Batch
+from actwh.errors import ActwhError
+
+
+def _embed_sites(model: HookedTransformer) -> list[str]:
+    return [n for n in ("hook_embed", "hook_pos_embed") if n in model.hook_points]
+
+
+def write_sites(model: HookedTransformer) -> list[str]:
+    """The hook sites whose values make up every upstream node's write."""
+    out = _embed_sites(model)
+    for L in range(model.cfg.n_layers):
+        out += [f"blocks.{L}.attn.hook_z", f"blocks.{L}.hook_mlp_out"]
+    return out
+
+
+def writes_from(model: HookedTransformer, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every upstream node's write, in `upstream_nodes` order. [batch, pos, U, d_model]"""
+    outs = [sum(acts[n] for n in _embed_sites(model))]
+    for L, block in enumerate(model.blocks):
+        outs += list(torch.einsum("bphe,hed->hbpd", acts[f"blocks.{L}.attn.hook_z"], block.attn.W_O))
+        outs.append(acts[f"blocks.{L}.hook_mlp_out"])
+    return torch.stack(outs, dim=2)
+
+
+def upstream_writes(model: HookedTransformer, tokens: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Every upstream node's write on `tokens` (run with attention mask `mask`). [b, p, U, d]"""
+    with torch.no_grad():
+        cache = model.run_with_cache(tokens.to(model.device), write_sites(model),
+                                     attention_mask=None if mask is None else mask.to(model.device))
+    return writes_from(model, cache.acts)
+
+
+def mean_writes(model: HookedTransformer, batches: Iterable[Batch]) -> torch.Tensor:
+    """The mean baseline: each upstream node's write averaged over prompts, position by position
+    (positions counted over real tokens, so padding on either side lines up); positions only
+    some prompts reach average over those prompts. [positions, U, d_model]"""
+    total = count = None
+    for batch in batches:
+        batch = batch.to(model.device)
+        w = upstream_writes(model, batch.tokens, batch.mask)  # [b, p, U, d]
+        pos = model.positions(batch.mask)
+        n = int(pos.max()) + 1
+        if total is None:
+            total = w.new_zeros(n, *w.shape[2:])
+            count = w.new_zeros(n)
+        elif n > total.shape[0]:
+            total = torch.cat([total, total.new_zeros(n - total.shape[0], *total.shape[1:])])
+            count = torch.cat([count, count.new_zeros(n - count.shape[0])])
+        real = batch.mask.bool()
+        total.index_add_(0, pos[real], w[real])
+        count.index_add_(0, pos[real], torch.ones_like(pos[real], dtype=count.dtype))
+    if total is None:
+        raise ActwhError("the mean baseline needs at least one prompt")
+    return total / count.clamp(min=1)[:, None, None]
+
+
+def baseline_writes(model: HookedTransformer, batch: Batch, baseline) -> torch.Tensor:
+    """Baseline writes for `batch` [b, p, U, d]: `baseline` is "zero", corrupted token ids
+    [b, p], per-position means [positions, U, d] from `mean_writes`, or writes [b, p, U, d]."""
+    cfg = model.cfg
+    U = len(upstream_nodes(model))
+    b, p = batch.tokens.shape
+    dtype = model.W_E.dtype
+    if isinstance(baseline, str):
+        if baseline != "zero":
+            raise ActwhError(f"unknown baseline {baseline!r}; give 'zero', corrupted token ids "
+                             "or baseline writes")
+        return torch.zeros(b, p, U, cfg.d_model, dtype=dtype, device=model.device)
+    if not isinstance(baseline, torch.Tensor):
+        raise ActwhError("a baseline is 'zero', a tensor of corrupted token ids or of writes")
+    if not baseline.is_floating_point():
+        if baseline.shape != batch.tokens.shape:
+            raise ActwhError("corrupted prompts must have as many tokens as their clean prompts")
+        return upstream_writes(model, baseline, batch.mask)
+    baseline = baseline.to(model.device, dtype)
+    if baseline.dim() == 3:  # per-position means
+        if baseline.shape[1:] != (U, cfg.d_model):
+            raise ActwhError(f"mean writes must be [positions, {U}, {cfg.d_model}]")
+        pos = model.positions(batch.mask.to(model.device)).clamp(max=baseline.shape[0] - 1)
+        return baseline[pos]
+    if baseline.shape != (b, p, U, cfg.d_model):
+        raise ActwhError(f"baseline writes must be [{b}, {p}, {U}, {cfg.d_model}]")
+    return baseline
+
+
+def edge_mask(model: HookedTransformer, edges: Iterable[tuple[Node, Node]]) -> torch.Tensor:
+    """A keep mask [U, V] from (upstream, downstream) node pairs (see `upstream_nodes` and
+    `downstream_nodes`; a downstream attention node names its input q, k or v)."""
+    up = {n: i for i, n in enumerate(upstream_nodes(model))}
+    down = {n: i for i, n in enumerate(downstream_nodes(model))}
+    keep = torch.zeros(len(up), len(down), dtype=torch.bool)
+    for u, v in edges:
+        if u not in up:
+            raise ActwhError(f"{u} is not an upstream node of this model")
+        if v not in down:
+            raise ActwhError(f"{v} is not a downstream node of this model")
+        keep[up[u], down[v]] = True
+    return keep
+
+
+def allowed_edges(model: HookedTransformer) -> torch.Tensor:
+    """[U, V] bool: u lies upstream of v (the component graph's edges)."""
+    cfg = model.cfg
+    per_layer = cfg.n_heads + 1
+    cols = []
+    for L in range(cfg.n_layers):
+        cols += [1 + L * per_layer] * (cfg.n_heads + 2 * cfg.n_kv_heads)
+        cols.append(1 + L * per_layer + (0 if cfg.parallel else cfg.n_heads))
+    cols.append(1 + cfg.n_layers * per_layer)
+    n_up = torch.tensor(cols)
+    return torch.arange(1 + cfg.n_layers * per_layer)[:, None] < n_up[None, :]
+
+
+def _normalized(norm, x: torch.Tensor) -> torch.Tensor:
+    """A `Norm`'s normalized value (before its weight and bias) of x, without its hooks."""
+    dtype = x.dtype
+    x = x.to(torch.promote_types(dtype, torch.float32))
+    if not norm.rms:
+        x = x - x.mean(-1, keepdim=True)
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+
+
+def _apply_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    n = _normalized(norm, x)
+    return norm.w * n if norm.rms else n * norm.w + norm.b
+
+
+def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="zero", *,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [b, p, vocab] of one forward pass with only `keep_edges` carrying clean writes.
+
+    keep_edges: a bool mask [U, V] (every prompt) or [b, U, V] (one circuit per prompt) over
+    (`upstream_nodes`, `downstream_nodes`), or an iterable of (upstream, downstream) Node pairs;
+    pairs that are not edges (u not upstream of v) are ignored. baseline: see `baseline_writes`;
+    `base` passes precomputed baseline writes [b, p, U, d] instead (several circuits, one
+    baseline run).
+    """
+    batch = batch.to(model.device)
+    cfg = model.cfg
+    if not isinstance(keep_edges, torch.Tensor):
+        keep_edges = edge_mask(model, keep_edges)
+    U, V = len(upstream_nodes(model)), len(downstream_nodes(model))
+    b = batch.tokens.shape[0]
+    if keep_edges.shape not in ((U, V), (b, U, V)):
+        raise ActwhError(f"keep_edges must be [{U}, {V}] or [{b}, {U}, {V}], "
+                         f"not {list(keep_edges.shape)}")
+    keep = keep_edges.to(model.device, torch.bool)
+    if keep.dim() == 2:
+        keep = keep[None].expand(b, U, V)
+    if base is None:
+        base = baseline_writes(model, batch, baseline)
+    dtype = model.W_E.dtype
+    # patch[b, u, v] = 1 where the edge u → v carries the baseline write
+    patch = (allowed_edges(model).to(model.device)[None] & ~keep).to(dtype)
+    live: dict[str, torch.Tensor] = {}
+    diff = torch.zeros_like(base)  # this run's writes minus the baseline's, filled in as they come
+    done = [0]  # how many upstream nodes have written so far
+
+    def delta(cols: slice) -> torch.Tensor | None:
+        """Σ_u patched (out_u − base_u) into the downstream nodes `cols`: [b, p, n, d] or None."""
+        m = patch[:, : done[0], cols]
+        if not bool(m.any()):
+            return None
+        return torch.einsum("bpud,bun->bpnd", diff[:, :, : done[0]], m)
+
+    def wrote(out: torch.Tensor, n: int) -> None:  # out: [b, p, n, d], the next n nodes' writes
+        i = done[0]
+        diff[:, :, i:i + n] = out - base[:, :, i:i + n]
+        done[0] = i + n
+
+    def save(t, name):
+        live[name] = t
+
+    def embed_done(t, name):
+        live[name] = t
+        if all(n in live for n in _embed_sites(model)):
+            wrote(sum(live[n] for n in _embed_sites(model))[:, :, None], 1)
+
+    hooks = [(n, embed_done) for n in _embed_sites(model)]
+    col = 0
+    for L, block in enumerate(model.blocks):
+        p = f"blocks.{L}."
+        attn = block.attn
+        hooks.append((p + "hook_resid_pre", save))
+        for site, n, W, bias in (("q", cfg.n_heads, attn.W_Q, attn.b_Q),
+                                 ("k", cfg.n_kv_heads, attn.W_K, attn.b_K),
+                                 ("v", cfg.n_kv_heads, attn.W_V, attn.b_V)):
+            def qkv(t, name, cols=slice(col, col + n), W=W, bias=bias, ln=block.ln1, p=p):
+                d = delta(cols)
+                if d is None:
+                    return None
+                x = live[p + "hook_resid_pre"][:, :, None, :] - d  # [b, p, heads, d]
+                return torch.einsum("bphd,hde->bphe", _apply_norm(ln, x), W) + bias
+            hooks.append((p + f"attn.hook_{site}", qkv))
+            col += n
+
+        def heads_done(z, name, attn=attn):
+            wrote(torch.einsum("bphe,hed->bphd", z, attn.W_O), cfg.n_heads)
+        hooks.append((p + "attn.hook_z", heads_done))
+        hooks.append((p + "hook_resid_mid", save))
+
+        def mlp_in(t, name, cols=slice(col, col + 1), ln=block.ln2, p=p):
+            d = delta(cols)
+            if d is None:
+                return None
+            resid = live[p + ("hook_resid_pre" if cfg.parallel else "hook_resid_mid")]
+            return _normalized(ln, resid - d[:, :, 0])
+        hooks.append((p + "ln2.hook_normalized", mlp_in))
+        col += 1
+
+        def mlp_done(t, name):
+            wrote(t[:, :, None], 1)
+        hooks.append((p + "hook_mlp_out", mlp_done))
+    last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+    hooks.append((last, save))
+
+    def target_in(t, name):
+        d = delta(slice(col, col + 1))
+        return None if d is None else _normalized(model.ln_final, live[last] - d[:, :, 0])
+    hooks.append(("ln_final.hook_normalized", target_in))
+    with torch.no_grad(), model.hooks(hooks):
+        return model(batch.tokens, batch.mask)
