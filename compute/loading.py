@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from actwh.compute.model import HookedTransformer, ModelConfig
+from actwh.compute.model import HookedTransformer, ModelConfig, Rope
 from actwh.errors import ModelLoadError, UnsupportedArchitecture
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # config chatter is not for our users
 
-SUPPORTED = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm 1 + w, embeddings × √d, GeGLU
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA, "olmo2")
+SUPPORTED = ("gpt2", "gpt_neox", *LLAMA_LIKE)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model" / "weights"
 
 
@@ -92,6 +97,10 @@ def read_state_dict(files: list[Path]) -> tuple[dict[str, torch.Tensor], str]:
 
 def config_from_hf(c: dict) -> ModelConfig:
     arch = c.get("model_type")
+    if "vision_config" in c or "text_config" in c:
+        field = "vision_config" if "vision_config" in c else "text_config"
+        raise UnsupportedArchitecture(f"model_type {arch!r} is multimodal ({field}); actwh loads "
+                                      "text-only checkpoints (e.g. gemma3_text)")
     if arch not in SUPPORTED:
         raise UnsupportedArchitecture(
             f"unsupported model_type {arch!r}; supported: {', '.join(SUPPORTED)}")
@@ -104,28 +113,98 @@ def config_from_hf(c: dict) -> ModelConfig:
                            c.get("n_inner") or 4 * d, c["vocab_size"], c["n_positions"],
                            norm_eps=c.get("layer_norm_epsilon", 1e-5),
                            act=c.get("activation_function", "gelu_new"))
-    scaling = c.get("rope_scaling") or {}  # configs written before transformers 5
-    rope = c.get("rope_parameters") or {
-        "rope_type": scaling.get("rope_type", scaling.get("type", "default")),
-        "rope_theta": c.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise UnsupportedArchitecture(f"rope_type {rope.get('rope_type')!r} is not supported")
-    d, h = c["hidden_size"], c["num_attention_heads"]
-    d_head = c.get("head_dim") or d // h
-    common = dict(arch=arch, n_layers=c["num_hidden_layers"], d_model=d, n_heads=h,
-                  d_head=d_head, d_mlp=c["intermediate_size"], d_vocab=c["vocab_size"],
-                  n_ctx=c["max_position_embeddings"], rotary_base=rope.get("rope_theta", 10000.0),
-                  act=c.get("hidden_act", "gelu"))
     if arch == "gpt_neox":
+        scaling = c.get("rope_scaling") or {}  # configs written before transformers 5
+        rope = c.get("rope_parameters") or {
+            "rope_type": scaling.get("rope_type", scaling.get("type", "default")),
+            "rope_theta": c.get("rope_theta", 10000.0)}
+        d, h = c["hidden_size"], c["num_attention_heads"]
+        d_head = c.get("head_dim") or d // h
         pct = rope.get("partial_rotary_factor", c.get("rotary_pct", 1.0))
-        return ModelConfig(**common, n_kv_heads=h, norm_eps=c.get("layer_norm_eps", 1e-5),
+        return ModelConfig(arch, c["num_hidden_layers"], d, h, h, d_head, c["intermediate_size"],
+                           c["vocab_size"], c["max_position_embeddings"],
+                           norm_eps=c.get("layer_norm_eps", 1e-5), act=c.get("hidden_act", "gelu"),
                            rotary_dim=int(d_head * pct),
+                           rope=_rope({**rope, "partial_rotary_factor": pct}, d_head,
+                                      c["max_position_embeddings"]),
                            parallel=c.get("use_parallel_residual", True))
-    if arch == "qwen2" and c.get("use_sliding_window"):
-        raise UnsupportedArchitecture("qwen2 with use_sliding_window is not supported")
-    return ModelConfig(**common, n_kv_heads=c.get("num_key_value_heads") or h, norm="rmsnorm",
-                       norm_eps=c.get("rms_norm_eps", 1e-6), rotary_dim=d_head, gated_mlp=True,
-                       sliding_window=c.get("sliding_window") if arch == "mistral" else None)
+    return _llama_like(arch, _hf_config(c))
+
+
+def _hf_config(c: dict):
+    """transformers' own reading of config.json: its defaults, derived layer_types and the
+    rope_parameters it standardises (old rope_scaling / rope_theta keys, Phi-3's su → longrope)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**c)
+    except Exception as e:  # transformers validates the config; its message names the field
+        raise ModelLoadError(f"config.json is not a valid {c.get('model_type')} config: "
+                             f"{str(e).strip().splitlines()[0]}") from None
+
+
+def _rope(params: dict, d_head: int, max_pos: int) -> Rope:
+    """One layer type's rope_parameters, with the defaults transformers' init functions fill in."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise UnsupportedArchitecture(f"rope_parameters.rope_type {kind!r} is not supported; "
+                                      f"supported: {', '.join(ROPE_TYPES)}")
+    dim = int(d_head * params.get("partial_rotary_factor", 1.0))
+    original = params.get("original_max_position_embeddings") or max_pos
+    factor = params.get("factor")
+    if factor is None:
+        factor = max_pos / original if kind in ("yarn", "longrope") else 1.0
+    attention = params.get("attention_factor")
+    if attention is None and kind == "yarn":
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    elif attention is None and kind == "longrope":
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return Rope(kind, float(params.get("rope_theta", 10000.0)), dim, float(factor), int(original),
+                float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0)),
+                float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1),
+                bool(params.get("truncate", True)), float(attention or 1.0),
+                tuple(params.get("short_factor") or ()), tuple(params.get("long_factor") or ()))
+
+
+def _llama_like(arch: str, hf) -> ModelConfig:
+    """Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma 1/2/3 (text) and OLMo 2: one decoder with
+    rotary, RMSNorm and gated MLPs; the switches below are what tells them apart."""
+    d, h = hf.hidden_size, hf.num_attention_heads
+    d_head = getattr(hf, "head_dim", None) or d // h
+    max_pos = hf.max_position_embeddings
+    types = tuple(getattr(hf, "layer_types", None) or ())
+    bad = [t for t in types if t not in LAYER_TYPES]
+    if bad:
+        raise UnsupportedArchitecture(f"layer_types entry {bad[0]!r} is not supported; "
+                                      f"supported: {', '.join(LAYER_TYPES)}")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise UnsupportedArchitecture("use_bidirectional_attention is not supported (causal models only)")
+    rope_params = hf.rope_parameters or {}
+    local = None
+    if set(rope_params) & set(LAYER_TYPES):  # per layer type (Gemma 3's local/global bases)
+        local = _rope(rope_params["sliding_attention"], d_head, max_pos) \
+            if "sliding_attention" in rope_params else None
+        rope_params = rope_params.get("full_attention") or rope_params["sliding_attention"]
+    rope = _rope(rope_params, d_head, max_pos)
+    gemma = arch in GEMMA
+    window = getattr(hf, "sliding_window", None)
+    qk = {"qwen3": "head", "gemma3_text": "head", "olmo2": "all"}.get(arch)
+    return ModelConfig(
+        arch=arch, n_layers=hf.num_hidden_layers, d_model=d, n_heads=h,
+        n_kv_heads=getattr(hf, "num_key_value_heads", None) or h, d_head=d_head,
+        d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size, n_ctx=max_pos, norm="rmsnorm",
+        norm_eps=hf.rms_norm_eps, act=getattr(hf, "hidden_activation", None) or hf.hidden_act,
+        rotary_dim=rope.dim, rope=rope, rope_local=local, gated_mlp=True,
+        sliding_window=window if window and (not types or "sliding_attention" in types) else None,
+        layer_types=types if window else (),
+        pre_norm=arch != "olmo2", post_norm=arch in ("gemma2", "gemma3_text", "olmo2"),
+        qk_norm=qk, embed_scale=math.sqrt(d) if gemma else 1.0,
+        attn_scalar=getattr(hf, "query_pre_attn_scalar", None) if gemma else None,
+        attn_softcap=getattr(hf, "attn_logit_softcapping", None),
+        final_softcap=getattr(hf, "final_logit_softcapping", None))
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,29 +267,57 @@ def convert(cfg: ModelConfig, c: dict, state: dict[str, torch.Tensor]) -> dict[s
                 out[o + f"{ln}.w"], out[o + f"{ln}.b"] = s[p + f"{hf}.weight"], s[p + f"{hf}.bias"]
         out["ln_final.w"], out["ln_final.b"] = s["final_layer_norm.weight"], s["final_layer_norm.bias"]
         unembed = get("embed_out.weight", get("lm_head.weight"))
-    else:  # Llama family
-        out["W_E"] = s["embed_tokens.weight"]
-        for i in range(cfg.n_layers):
-            p, o = f"layers.{i}.", f"blocks.{i}."
-            for name, n in (("q", h), ("k", kv), ("v", kv)):
-                out[o + f"attn.W_{name.upper()}"] = heads_in(s[p + f"self_attn.{name}_proj.weight"], n)
-                if p + f"self_attn.{name}_proj.bias" in s:
-                    out[o + f"attn.b_{name.upper()}"] = s[p + f"self_attn.{name}_proj.bias"].reshape(n, e)
-            out[o + "attn.W_O"] = s[p + "self_attn.o_proj.weight"].T.reshape(h, e, d)
-            if p + "self_attn.o_proj.bias" in s:
-                out[o + "attn.b_O"] = s[p + "self_attn.o_proj.bias"]
-            for ours, hf in (("W_in", "gate_proj"), ("W_up", "up_proj"), ("W_out", "down_proj")):
-                out[o + f"mlp.{ours}"] = s[p + f"mlp.{hf}.weight"].T
-                if p + f"mlp.{hf}.bias" in s:
-                    out[o + f"mlp.{ours.replace('W_', 'b_')}"] = s[p + f"mlp.{hf}.bias"]
-            out[o + "ln1.w"] = s[p + "input_layernorm.weight"]
-            out[o + "ln2.w"] = s[p + "post_attention_layernorm.weight"]
-        out["ln_final.w"] = s["norm.weight"]
+    else:  # Llama family (Qwen, Phi-3, Gemma, OLMo 2)
+        out.update(_convert_llama_like(cfg, s))
         unembed = get("lm_head.weight")
-    if unembed is None or c.get("tie_word_embeddings", cfg.arch == "gpt2"):
+    if unembed is None or c.get("tie_word_embeddings", cfg.arch == "gpt2" or cfg.arch in GEMMA):
         unembed = out["W_E"]
     out["W_U"] = unembed.T
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _convert_llama_like(cfg: ModelConfig, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
+    out: dict[str, torch.Tensor] = {}
+    gemma = cfg.arch in GEMMA
+    norm_w = (lambda w: 1.0 + w.float()) if gemma else (lambda w: w)  # Gemma: RMSNorm by 1 + w
+
+    def heads_in(w, n):  # a Linear weight [n * e, d] -> [n, d, e]
+        return w.reshape(n, e, d).transpose(1, 2)
+
+    out["W_E"] = s["embed_tokens.weight"]
+    norms = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
+    if cfg.post_norm:
+        norms = {"ln1_post": "post_attention_layernorm", "ln2_post": "post_feedforward_layernorm"}
+        if cfg.pre_norm:
+            norms.update(ln1="input_layernorm", ln2="pre_feedforward_layernorm")
+    for i in range(cfg.n_layers):
+        p, o = f"layers.{i}.", f"blocks.{i}."
+        proj = {n: s.get(p + f"self_attn.{n}_proj.weight") for n in "qkv"}
+        if p + "self_attn.qkv_proj.weight" in s:  # Phi-3: rows [q | k | v], split here
+            proj = dict(zip("qkv", s[p + "self_attn.qkv_proj.weight"].split([h * e, kv * e, kv * e])))
+        for name, n in (("q", h), ("k", kv), ("v", kv)):
+            out[o + f"attn.W_{name.upper()}"] = heads_in(proj[name], n)
+            if p + f"self_attn.{name}_proj.bias" in s:
+                out[o + f"attn.b_{name.upper()}"] = s[p + f"self_attn.{name}_proj.bias"].reshape(n, e)
+        out[o + "attn.W_O"] = s[p + "self_attn.o_proj.weight"].T.reshape(h, e, d)
+        if p + "self_attn.o_proj.bias" in s:
+            out[o + "attn.b_O"] = s[p + "self_attn.o_proj.bias"]
+        if cfg.qk_norm:
+            out[o + "attn.q_norm.w"] = norm_w(s[p + "self_attn.q_norm.weight"])
+            out[o + "attn.k_norm.w"] = norm_w(s[p + "self_attn.k_norm.weight"])
+        mlp = {hf: s.get(p + f"mlp.{hf}.weight") for hf in ("gate_proj", "up_proj")}
+        if p + "mlp.gate_up_proj.weight" in s:  # Phi-3: rows [gate | up], split here
+            mlp = dict(zip(("gate_proj", "up_proj"), s[p + "mlp.gate_up_proj.weight"].chunk(2, 0)))
+        mlp["down_proj"] = s[p + "mlp.down_proj.weight"]
+        for ours, hf in (("W_in", "gate_proj"), ("W_up", "up_proj"), ("W_out", "down_proj")):
+            out[o + f"mlp.{ours}"] = mlp[hf].T
+            if p + f"mlp.{hf}.bias" in s:
+                out[o + f"mlp.{ours.replace('W_', 'b_')}"] = s[p + f"mlp.{hf}.bias"]
+        for ours, hf in norms.items():
+            out[o + f"{ours}.w"] = norm_w(s[p + f"{hf}.weight"])
+    out["ln_final.w"] = norm_w(s["norm.weight"])
+    return out
 
 
 def load_tokenizer(folder: Path):

@@ -1,6 +1,9 @@
-"""One hooked decoder for GPT-2, GPT-NeoX/Pythia and the Llama family (Llama, Mistral, Qwen2).
+"""One hooked decoder for GPT-2, GPT-NeoX/Pythia, the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5,
+Qwen3, Phi-3), Gemma 2/3 and OLMo 2.
 
-Read top to bottom: config, hook points, norms, attention, MLP, block, model. Every hook site is
+Read top to bottom: config, rotary frequencies, hook points, norms, attention, MLP, block, model.
+Families differ only by switches in the frozen `ModelConfig`: norm placement (pre, post or both),
+q/k norms, soft-capping, local/global layers with their own RoPE, gated MLPs. Every hook site is
 an identity `HookPoint` named by its module path (TransformerLens names), so
 `blocks.3.attn.hook_pattern` is both the Python name and the string users write in SQL. Sites
 cost nothing unless a caller attaches to them, and hooks are attached only inside `hooks()`,
@@ -26,8 +29,68 @@ HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
+class Rope:
+    """One layer type's rotary embedding, as transformers' modeling_rope_utils computes it.
+
+    `frequencies` reproduces the `rope_type`s transformers ships for these families: default,
+    linear (positions / factor), dynamic (NTK; transformers rescales only past
+    max_position_embeddings, which actwh refuses, so inside the context it is the default),
+    yarn, longrope (short factors, or long ones once a batch's longest position passes
+    original_max, as transformers picks them per forward pass) and llama3.
+    """
+
+    type: str = "default"
+    theta: float = 10000.0
+    dim: int = 0  # rotated dims per head (partial rotary: fewer than d_head)
+    factor: float = 1.0
+    original_max: int = 0  # original_max_position_embeddings (llama3, yarn, longrope)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    truncate: bool = True  # yarn
+    attention_factor: float = 1.0  # multiplies cos and sin (yarn, longrope)
+    short_factor: tuple[float, ...] = ()  # longrope
+    long_factor: tuple[float, ...] = ()  # longrope
+
+    def frequencies(self, seq_len: int, device=None) -> torch.Tensor:
+        """inv_freq [dim / 2] for a forward pass whose longest position is seq_len - 1."""
+        dim, base = self.dim, self.theta
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+        if self.type == "longrope":
+            long = seq_len > self.original_max
+            ext = torch.tensor(self.long_factor if long else self.short_factor, device=device)
+            return 1.0 / (ext * base ** exponents)
+        inv_freq = 1.0 / (base ** exponents)
+        if self.type == "linear":
+            return inv_freq / self.factor
+        if self.type == "llama3":  # long wavelengths slowed by factor, a smooth ramp between
+            old, f = self.original_max, self.factor
+            wavelen = 2 * math.pi / inv_freq
+            slow = torch.where(wavelen > old / self.low_freq_factor, inv_freq / f, inv_freq)
+            smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            smoothed = (1 - smooth) * slow / f + smooth * slow
+            medium = ~(wavelen < old / self.high_freq_factor) * ~(wavelen > old / self.low_freq_factor)
+            return torch.where(medium, smoothed, slow)
+        if self.type == "yarn":  # interpolate low frequencies, extrapolate high ones, ramp between
+            def correction_dim(rotations):
+                return dim * math.log(self.original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
+            low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+            if self.truncate:
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+            extrapolation = 1 - ramp
+            pos_freqs = base ** exponents
+            return (1.0 / (self.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv_freq  # default, dynamic
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # the checkpoint's model_type ("gpt2", "gpt_neox", "llama", "mistral", "qwen2")
+    arch: str  # the checkpoint's model_type ("gpt2", "llama", "gemma2", ...; loading.SUPPORTED)
     n_layers: int
     d_model: int
     n_heads: int
@@ -40,10 +103,26 @@ class ModelConfig:
     norm_eps: float = 1e-5  # added to the variance before the inverse square root
     act: str = "gelu_new"  # a key of transformers' ACT2FN (the checkpoint's own activation)
     rotary_dim: int = 0  # rotated dims per head; 0 means learned absolute positions (GPT-2)
-    rotary_base: float = 10000.0  # RoPE theta
+    rope: Rope = Rope()  # global (full-attention) layers' rotary embedding
+    rope_local: Rope | None = None  # sliding-window layers' own RoPE (Gemma 3); None: `rope`
     parallel: bool = False  # GPT-NeoX: attention and MLP both read resid_pre
     gated_mlp: bool = False  # Llama family: down(act(gate(x)) * up(x))
-    sliding_window: int | None = None  # Mistral: a query sees at most this many keys back
+    sliding_window: int | None = None  # a query sees at most this many keys back ...
+    layer_types: tuple[str, ...] = ()  # ... in "sliding_attention" layers ("full_attention"
+    # elsewhere); empty: every layer (Mistral, Phi-3) when there is a window
+    pre_norm: bool = True  # ln1/ln2 before each sublayer; OLMo 2 has none (identity norms)
+    post_norm: bool = False  # ln1_post/ln2_post on each sublayer's output (Gemma 2/3, OLMo 2)
+    qk_norm: str | None = None  # RMSNorm of q and k: "head" (over d_head, Qwen3, Gemma 3) or
+    # "all" (over all heads together, OLMo 2), before rotary
+    embed_scale: float = 1.0  # token embeddings × this, in their dtype (Gemma: √d_model)
+    attn_scalar: float | None = None  # scores / √attn_scalar (Gemma's query_pre_attn_scalar)
+    attn_softcap: float | None = None  # scores → cap · tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits → cap · tanh(logits / cap) (Gemma 2)
+
+    def is_sliding(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return not self.layer_types or self.layer_types[layer] == "sliding_attention"
 
 
 class HookPoint(nn.Module):
@@ -63,18 +142,31 @@ class HookPoint(nn.Module):
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm with its scale (1/sqrt(var + eps)) exposed, so it can be frozen."""
+    """LayerNorm or RMSNorm with its scale (1/sqrt(var + eps)) exposed, so it can be frozen.
 
-    def __init__(self, cfg: ModelConfig):
+    kind "none" is the identity (OLMo 2 has no pre-norms): scale 1, w 1, b 0, so code that
+    pulls gradients back through ln1/ln2 needs no branch. Gemma's (1 + w) weights are stored as
+    1 + w at load time, so every RMSNorm here is w ⊙ normalized."""
+
+    def __init__(self, cfg: ModelConfig, size: int | None = None, kind: str | None = None):
         super().__init__()
-        self.rms = cfg.norm == "rmsnorm"
+        size = size or cfg.d_model
+        self.kind = kind or cfg.norm
+        self.rms = self.kind == "rmsnorm"
         self.eps = cfg.norm_eps
-        self.w = nn.Parameter(torch.ones(cfg.d_model))
-        self.b = nn.Parameter(torch.zeros(cfg.d_model))  # stays zero for RMSNorm
-        self.hook_scale = HookPoint()  # [batch, pos, 1]
-        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+        if self.kind == "none":
+            self.register_buffer("w", torch.ones(size), persistent=False)
+            self.register_buffer("b", torch.zeros(size), persistent=False)
+        else:
+            self.w = nn.Parameter(torch.ones(size))
+            self.b = nn.Parameter(torch.zeros(size))  # stays zero for RMSNorm
+        self.hook_scale = HookPoint()  # [batch, pos, 1] ([batch, pos, head, 1] for per-head q/k)
+        self.hook_normalized = HookPoint()  # [batch, pos, size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            self.hook_scale(x.new_ones(x.shape[:-1] + (1,)))
+            return self.hook_normalized(x)
         dtype = x.dtype
         x = x.to(torch.promote_types(dtype, torch.float32))  # never below float32, as in HF
         if not self.rms:
@@ -96,10 +188,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
         self.cfg = cfg
+        self.sliding = cfg.is_sliding(layer)
         self.W_Q = nn.Parameter(torch.empty(h, d, e))
         self.W_K = nn.Parameter(torch.empty(kv, d, e))
         self.W_V = nn.Parameter(torch.empty(kv, d, e))
@@ -115,18 +208,28 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], masked = -inf
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        if cfg.qk_norm:  # hook_q/hook_k stay the projections (linear in x); the norms follow
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = Norm(cfg, e if per_head else h * e, "rmsnorm")
+            self.k_norm = Norm(cfg, e if per_head else kv * e, "rmsnorm")
 
     def forward(self, x, mask, cos, sin):
         cfg = self.cfg
         q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
         k = self.hook_k(torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K)
         v = self.hook_v(torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif cfg.qk_norm == "all":
+            q, k = self.q_norm(q.flatten(2)).view_as(q), self.k_norm(k.flatten(2)).view_as(k)
         if cfg.rotary_dim:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         group = cfg.n_heads // cfg.n_kv_heads
         if group > 1:
             k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.d_head)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.attn_scalar or cfg.d_head)
+        if cfg.attn_softcap:
+            scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
         scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
         wide = torch.promote_types(x.dtype, torch.float32)  # softmax never below float32
         pattern = self.hook_pattern(scores.to(wide).softmax(-1).to(x.dtype))
@@ -168,10 +271,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm block; with post norms (Gemma 2/3, OLMo 2) each sublayer's output is normalised
+    (ln1_post, ln2_post) before it is added, so hook_attn_out / hook_mlp_out are post-norm."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.parallel = cfg.parallel
-        self.ln1, self.attn, self.ln2, self.mlp = Norm(cfg), Attention(cfg), Norm(cfg), MLP(cfg)
+        pre = None if cfg.pre_norm else "none"
+        self.ln1, self.attn = Norm(cfg, kind=pre), Attention(cfg, layer)
+        self.ln2, self.mlp = Norm(cfg, kind=pre), MLP(cfg)
+        self.ln1_post = Norm(cfg) if cfg.post_norm else None
+        self.ln2_post = Norm(cfg) if cfg.post_norm else None
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
@@ -181,13 +291,18 @@ class Block(nn.Module):
 
     def forward(self, x, mask, cos, sin):
         resid_pre = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, cos, sin))
+        attn_out = self.attn(self.ln1(resid_pre), mask, cos, sin)
+        if self.ln1_post is not None:
+            attn_out = self.ln1_post(attn_out)
+        attn_out = self.hook_attn_out(attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         # A parallel block's MLP reads the same residual stream its attention read.
         mlp_in = self.ln2(resid_pre if self.parallel else resid_mid)
         mlp_out = self.mlp(mlp_in)
         if self.transcoder is not None:
             mlp_out = self.transcoder(mlp_in, mlp_out)
+        if self.ln2_post is not None:
+            mlp_out = self.ln2_post(mlp_out)
         mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(resid_mid + mlp_out)
 
@@ -211,10 +326,12 @@ class HookedTransformer(nn.Module):
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         if not cfg.rotary_dim:
             self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, L) for L in range(cfg.n_layers))
         self.ln_final = Norm(cfg)
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        if cfg.final_softcap:
+            self.hook_logits_raw = HookPoint()  # [batch, pos, d_vocab] before the soft-cap
         self.index_hook_points()
         self.requires_grad_(False)
 
@@ -244,16 +361,19 @@ class HookedTransformer(nn.Module):
         real = attention_mask.bool()
         pos = self.positions(attention_mask)
         x = self.W_E[tokens]
+        if cfg.embed_scale != 1.0:  # Gemma: √d_model, rounded to the embedding dtype first
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         if torch.is_grad_enabled():
             x.requires_grad_(True)  # frozen weights: the graph starts at the embeddings
         x = self.hook_embed(x)
-        cos = sin = None
+        rot = {}  # layer type -> (cos, sin) [batch, pos, 1, rotary_dim]
         if cfg.rotary_dim:
-            inv_freq = 1.0 / cfg.rotary_base ** (
-                torch.arange(0, cfg.rotary_dim, 2, device=tokens.device).float() / cfg.rotary_dim)
-            freqs = pos[..., None].float() * inv_freq  # [batch, pos, rotary_dim / 2]
-            emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [batch, pos, 1, rotary_dim]
-            cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+            seq_len = int(pos.max()) + 1 if cfg.rope.type == "longrope" else n
+            for kind, rope in (("full", cfg.rope), ("sliding", cfg.rope_local or cfg.rope)):
+                freqs = pos[..., None].float() * rope.frequencies(seq_len, tokens.device)
+                emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+                rot[kind] = ((emb.cos() * rope.attention_factor).to(x.dtype),
+                             (emb.sin() * rope.attention_factor).to(x.dtype))
         else:
             pos_embed = self.W_pos[pos]
             if torch.is_grad_enabled():
@@ -262,15 +382,22 @@ class HookedTransformer(nn.Module):
         if torch.is_grad_enabled() and not x.requires_grad:
             x = x.detach().requires_grad_(True)  # a hook replaced the embeddings with constants
         idx = torch.arange(n, device=tokens.device)
-        allowed = idx[None, :] <= idx[:, None]  # [query, key] causal
-        if cfg.sliding_window is not None:
-            allowed = allowed & (idx[:, None] - idx[None, :] < cfg.sliding_window)
+        causal = idx[None, :] <= idx[:, None]  # [query, key]
+        eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
         # Pad queries may see themselves, so no softmax row is all -inf; they are never read.
-        mask = (allowed & real[:, None, None, :]) | torch.eye(n, dtype=torch.bool,
-                                                               device=tokens.device)
+        masks = {"full": (causal & real[:, None, None, :]) | eye}
+        if cfg.sliding_window is not None:
+            window = causal & (idx[:, None] - idx[None, :] < cfg.sliding_window)
+            masks["sliding"] = (window & real[:, None, None, :]) | eye
         for block in self.blocks:
-            x = block(x, mask, cos, sin)
-        return self.ln_final(x) @ self.W_U + self.b_U  # [batch, pos, d_vocab]
+            kind = "sliding" if block.attn.sliding else "full"
+            cos, sin = rot.get(kind, (None, None))
+            x = block(x, masks[kind], cos, sin)
+        logits = self.ln_final(x) @ self.W_U + self.b_U  # [batch, pos, d_vocab]
+        if cfg.final_softcap:
+            cap = cfg.final_softcap
+            logits = torch.tanh(self.hook_logits_raw(logits) / cap) * cap
+        return logits
 
     def hook_point(self, name: str) -> HookPoint:
         if name not in self.hook_points:

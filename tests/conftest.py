@@ -47,10 +47,53 @@ def hf_config(family: str):
         return T.Qwen2Config(**llama_like, num_key_value_heads=2, tie_word_embeddings=True)
     if family == "mistral":  # a window shorter than the prompts exercises the sliding mask
         return T.MistralConfig(**llama_like, num_key_value_heads=1, sliding_window=5)
+    if family == "llama3":  # Llama 3.2: llama3 rope scaling, tied embeddings
+        return T.LlamaConfig(**llama_like, num_key_value_heads=2, tie_word_embeddings=True,
+                             rope_parameters=dict(ROPE_VARIANTS["llama3"], rope_theta=500.0))
+    if family == "qwen2_5":  # sliding window on the layers from max_window_layers on
+        return T.Qwen2Config(**llama_like, num_key_value_heads=2, use_sliding_window=True,
+                             sliding_window=4, max_window_layers=1)
+    if family == "qwen3":  # per-head q/k RMSNorm; head_dim ≠ hidden / heads
+        return T.Qwen3Config(**llama_like, num_key_value_heads=2, head_dim=12, attention_bias=True)
+    if family == "phi3":  # fused qkv and gate_up, partial rotary, longrope (su), window
+        return T.Phi3Config(**llama_like, num_key_value_heads=2, sliding_window=6,
+                            original_max_position_embeddings=32,
+                            rope_parameters=dict(ROPE_VARIANTS["longrope"], partial_rotary_factor=0.5))
+    if family == "olmo2":  # no pre-norms: post-sublayer norms and q/k norm over all heads
+        return T.Olmo2Config(**llama_like, num_key_value_heads=2)
+    gemma = dict(llama_like, head_dim=12, num_key_value_heads=2, query_pre_attn_scalar=10,
+                 sliding_window=4, hidden_activation="gelu_pytorch_tanh")
+    if family == "gemma2":  # soft caps small enough to bend the logits they cap
+        return T.Gemma2Config(**gemma, attn_logit_softcapping=2.0, final_logit_softcapping=1.5)
+    if family == "gemma3":  # local then global layer, each with its own rope (global: linear)
+        return T.Gemma3TextConfig(**gemma, layer_types=["sliding_attention", "full_attention"],
+                                  rope_parameters={
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                      "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                         "rope_theta": 1000.0}})
+    if family.startswith("rope_"):  # Llama with each rope_type transformers ships
+        kind = family[len("rope_"):]
+        return T.LlamaConfig(**llama_like, num_key_value_heads=2,
+                             rope_parameters=dict(ROPE_VARIANTS[kind], rope_theta=300.0))
     raise ValueError(family)
 
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral"]
+# rope_parameters per rope_type; factors and original contexts small enough to change frequencies
+ROPE_VARIANTS = {
+    "linear": {"rope_type": "linear", "factor": 3.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+             "beta_fast": 8.0, "beta_slow": 1.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": 32,
+                 "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]},
+}
+
+FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral", "llama3", "qwen2_5", "qwen3", "phi3"]
+# logits parity only: each rope_type (llama3 and longrope are the llama3 and phi3 families), and
+# the post-norm families until their attributions land
+ROPE_FAMILIES = ["rope_linear", "rope_dynamic", "rope_yarn", "olmo2", "gemma2", "gemma3"]
 
 
 def save_tiny(family: str, folder, seed: int = 0):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from actwh.compute.loading import SUPPORTED, load_model
-from actwh.errors import ModelLoadError, PromptError, UnsupportedArchitecture
+from actwh.errors import ActwhError, ModelLoadError, PromptError, UnsupportedArchitecture
 
-from conftest import PROMPTS, padded_batch, save_tiny
+from conftest import PROMPTS, ROPE_FAMILIES, hf_config, padded_batch, save_tiny
 
 
 def hf_logits(hf, tokens, mask):
@@ -19,20 +19,58 @@ def hf_logits(hf, tokens, mask):
         return hf(input_ids=tokens, attention_mask=mask, position_ids=pos).logits
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_logits_match_transformers_on_padded_batch(tiny_model, hf_model, side):
-    tokens, mask = padded_batch(tiny_model.tokenizer, PROMPTS, side)
+def check_logits(loaded, hf, side):
+    tokens, mask = padded_batch(loaded.tokenizer, PROMPTS, side)
     with torch.no_grad():
-        ours = tiny_model.model(tokens, mask)
-    theirs = hf_logits(hf_model, tokens, mask)
+        ours = loaded.model(tokens, mask)
+    theirs = hf_logits(hf, tokens, mask)
     real = mask.bool()
     assert (ours[real] - theirs[real]).abs().max() <= 1e-4
-    # Each prompt of the batch equals the same prompt run alone.
+    # Each prompt of the batch equals the same prompt run alone, and transformers' run alone.
     for i, text in enumerate(PROMPTS):
-        alone = torch.tensor([tiny_model.tokenizer(text).input_ids])
+        alone = torch.tensor([loaded.tokenizer(text).input_ids])
         with torch.no_grad():
-            single = tiny_model.model(alone)[0]
+            single = loaded.model(alone)[0]
         assert (ours[i][real[i]] - single).abs().max() <= 1e-4
+        assert (hf_logits(hf, alone, torch.ones_like(alone))[0] - single).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_match_transformers_on_padded_batch(tiny_model, hf_model, side):
+    check_logits(tiny_model, hf_model, side)
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_rope_types_match_transformers(tmp_path, family):
+    import transformers as T
+
+    folder = save_tiny(family, tmp_path)
+    loaded = load_model(folder, device="cpu")
+    if family.startswith("rope_"):
+        assert loaded.model.cfg.rope.type == family[len("rope_"):]
+    hf = T.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    for side in ("right", "left"):
+        check_logits(loaded, hf, side)
+
+
+def test_longrope_switches_to_long_factors_past_the_original_context(tmp_path):
+    """Phi-3's longrope: short factors while the batch's longest position is inside
+    original_max_position_embeddings, long ones past it, as transformers picks them."""
+    import transformers as T
+
+    folder = save_tiny("phi3", tmp_path)
+    loaded = load_model(folder, device="cpu")
+    hf = T.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    original = loaded.model.cfg.rope.original_max
+    tokens = torch.randint(3, 40, (2, original + 7))
+    mask = torch.ones_like(tokens)
+    mask[1, :10] = 0  # left padding: this row's positions stay inside the original context
+    with torch.no_grad():
+        ours = loaded.model(tokens, mask)
+    assert (ours[mask.bool()] - hf_logits(hf, tokens, mask)[mask.bool()]).abs().max() <= 1e-4
+    with torch.no_grad():  # the short row alone uses the short factors: a different result
+        alone = loaded.model(tokens[1:, 10:])
+    assert (ours[1, 10:] - alone).abs().max() > 1e-3
 
 
 def test_identity_hooks_change_nothing_and_raising_hook_leaves_no_handle(tiny_model):
@@ -109,6 +147,13 @@ def test_backward_hooks_see_the_same_gradient(tiny_model):
 
 def expected_shape(name: str, cfg, b: int, p: int):
     leaf = name.split(".")[-1]
+    if ".q_norm." in name or ".k_norm." in name:
+        heads = cfg.n_heads if ".q_norm." in name else cfg.n_kv_heads
+        if cfg.qk_norm == "head":
+            return (b, p, heads, 1) if leaf == "hook_scale" else (b, p, heads, cfg.d_head)
+        return (b, p, 1) if leaf == "hook_scale" else (b, p, heads * cfg.d_head)
+    if leaf == "hook_logits_raw":
+        return (b, p, cfg.d_vocab)
     if leaf == "hook_scale":
         return (b, p, 1)
     if leaf in ("hook_q", "hook_z"):
@@ -137,7 +182,7 @@ def test_loader_records_sha_and_arch(family_dir, tiny_model):
     family, folder = family_dir
     data = (folder / "model.safetensors").read_bytes()
     assert tiny_model.info.weights_sha256 == hashlib.sha256(data).hexdigest()
-    assert tiny_model.info.arch == family
+    assert tiny_model.info.arch == hf_config(family).model_type
 
 
 def test_bad_checkpoints_raise_typed_errors(tmp_path, family_dir):
@@ -149,6 +194,36 @@ def test_bad_checkpoints_raise_typed_errors(tmp_path, family_dir):
     with pytest.raises(UnsupportedArchitecture) as err:
         load_model(tmp_path)
     assert all(s in str(err.value) for s in SUPPORTED)
+
+
+def _edited_config(folder, dest, **changes):
+    import shutil
+
+    shutil.copytree(folder, dest)
+    c = json.loads((dest / "config.json").read_text())
+    c.update(changes)
+    (dest / "config.json").write_text(json.dumps(c))
+    return dest
+
+
+def test_unsupported_configurations_are_one_line_errors_naming_the_field(tmp_path):
+    folder = save_tiny("llama", tmp_path / "base")
+    bad_rope = _edited_config(folder, tmp_path / "rope", rope_parameters={
+        "rope_type": "proportional", "rope_theta": 10000.0})
+    with pytest.raises(UnsupportedArchitecture, match="rope_type 'proportional'") as err:
+        load_model(bad_rope, device="cpu")
+    assert "\n" not in str(err.value) and "llama3" in str(err.value)
+    vision = _edited_config(folder, tmp_path / "vision", model_type="gemma3",
+                            vision_config={"model_type": "siglip_vision_model"})
+    with pytest.raises(UnsupportedArchitecture, match="vision_config") as err:
+        load_model(vision, device="cpu")
+    assert "\n" not in str(err.value)
+    chunked = _edited_config(folder, tmp_path / "chunked", model_type="qwen2", sliding_window=4,
+                             use_sliding_window=True,
+                             layer_types=["chunked_attention", "full_attention"])
+    with pytest.raises(ActwhError, match="layer_types|chunked_attention") as err:
+        load_model(chunked, device="cpu")
+    assert "\n" not in str(err.value)
 
 
 def test_prompt_longer_than_context_is_refused(tiny_model):
