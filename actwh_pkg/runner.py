@@ -8,7 +8,6 @@ missing; a run is `complete` only when every prompt is in.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -19,8 +18,6 @@ import pyarrow as pa
 
 from actwh import __version__
 from actwh.errors import ActwhError, PromptError
-
-log = logging.getLogger("actwh.runner")
 
 DEFAULT_SCALARS = ("mlp_post_act", "mlp_act_times_grad", "mlp_direct_effect",
                    "attn_act_times_grad", "attn_direct_effect", "attn_pattern", "token_attribution")
@@ -264,136 +261,74 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
                   run_id: int, token_text: dict[int, str],
                   edges: EdgeOptions | None = None) -> dict[str, pa.Table]:
     """Compute one batch and shape it into the Arrow tables the warehouse appends."""
-    import torch
-
+    from actwh import rows
+    from actwh.compute.sae import spliced
     from actwh.compute.scalars import compute_scalars
-    from actwh.compute.selection import to_columns
+    from actwh.compute.selection import select_nodes
     from actwh.compute.targets import Batch
 
-    n = max(len(e.ids) for e in chunk)
-    pad = loaded.tokenizer.pad_token_id or 0
-    tokens = torch.tensor([e.ids + [pad] * (n - len(e.ids)) for e in chunk])
-    mask = torch.tensor([[1] * len(e.ids) + [0] * (n - len(e.ids)) for e in chunk])
-    ids = lambda attr: (torch.tensor([getattr(e, attr) for e in chunk])  # noqa: E731
-                        if getattr(chunk[0], attr) is not None else None)
-    positions = None
-    if any(e.position is not None for e in chunk):
-        positions = torch.tensor([len(e.ids) - 1 if e.position is None else e.position
-                                  for e in chunk])
-    batch = Batch(tokens, mask, ids("target"), ids("distractor"), positions)
+    batch = Batch.from_ids([e.ids for e in chunk], loaded.tokenizer.pad_token_id or 0,
+                           [e.target for e in chunk] if chunk[0].target is not None else None,
+                           [e.distractor for e in chunk] if chunk[0].distractor is not None else None,
+                           [e.position for e in chunk])
     res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln)
     prompt_ids = np.array([e.prompt_id for e in chunk], dtype=np.int32)
-    from actwh.compute.sae import spliced
-
     sae_layers = tuple(s.info.layer for s in spliced(loaded.model))
-    cols = to_columns(res, scalars, selection, prompt_ids, sae_layers)
-
-    def table(columns: dict[str, np.ndarray]) -> pa.Table:
-        n_rows = len(columns["value"])
-        arrays = {"run_id": pa.array(np.full(n_rows, run_id, dtype=np.int32))}
-        for k, v in columns.items():
-            if k in ("node_type", "scalar"):
-                names = cols.node_type_names if k == "node_type" else cols.scalar_names
-                arrays[k] = pa.DictionaryArray.from_arrays(pa.array(v), pa.array(names))
-            else:
-                arrays[k] = pa.array(v)
-        return pa.table(arrays)
-
+    cols = rows.node_columns(select_nodes(res, scalars, selection, sae_layers), prompt_ids, res.mask)
     for e in chunk:
         for t in e.ids:
             if t not in token_text:
                 token_text[t] = loaded.tokenizer.decode([t])
-    out = {}
+    out = {"node_scalars": rows.arrow_table(cols.node, run_id, cols.scalar_names),
+           "pair_scalars": rows.arrow_table(cols.pair, run_id, cols.scalar_names),
+           "tokens": rows.token_table(run_id, chunk, token_text)}
     corrupt_metric = to_target = np.full(len(chunk), np.nan)
     if edges is not None:
-        from actwh.compute.edges import component_edges, edge_columns
+        parts, corrupt_metric, to_target = batch_edges(loaded, chunk, batch, target, edges, prompt_ids)
+        out["edges"] = rows.arrow_table(rows.edge_columns(parts), run_id)
+    out["prompts"] = rows.prompt_table(run_id, chunk, res.metric.float().cpu().numpy(),
+                                       res.loss.float().cpu().numpy(), corrupt_metric, to_target)
+    return out
+
+
+def batch_edges(loaded, chunk: list[Encoded], batch, target, edges: EdgeOptions, prompt_ids):
+    """One batch's edges as row parts (component graph, then node-level edges), with each
+    prompt's corrupted metric and sum of edges into the target (NaN where not computed)."""
+    from actwh import rows
+    from actwh.compute.keep import KeepRule
+    from actwh.compute.targets import Batch
+
+    rule = KeepRule.parse(edges.select, "edge selection")
+    corrupt_metric = to_target = np.full(len(chunk), np.nan)
+    parts = []
+    if edges.component:
+        from actwh.compute.edges import component_edges, kept_edges
 
         bad = None
         if edges.baseline == "corrupt":
-            bad = torch.tensor([e.corrupt + [pad] * (n - len(e.corrupt)) for e in chunk])
-        parts = []
-        if edges.component:
-            er = component_edges(loaded.model, batch, target, corrupt=bad,
-                                 ig_steps=edges.ig_steps, positions=edges.positions)
-            tids = np.array([-1 if e.target is None else e.target for e in chunk])
-            parts.append(edge_columns(er, edges.select, prompt_ids, tids, mask))
-            into = er.values[..., -1]
-            to_target = (into.sum((1, 2)) if into.dim() == 3 else into.sum(1)).float().cpu().numpy()
-            if er.corrupt_metric is not None:
-                corrupt_metric = er.corrupt_metric.float().cpu().numpy()
-        if edges.into or edges.into_latents:
-            from actwh.compute.node_edges import (active_latents, node_edge_columns, node_edges,
-                                                  sites, target_downs, top_downstream)
+            bad = Batch.from_ids([e.corrupt for e in chunk], loaded.tokenizer.pad_token_id or 0).tokens
+        er = component_edges(loaded.model, batch, target, corrupt=bad,
+                             ig_steps=edges.ig_steps, positions=edges.positions)
+        parts.append(rows.component_edge_part(er, kept_edges(er, rule, batch.mask), prompt_ids,
+                                              [e.target for e in chunk], batch.mask))
+        into = er.values[..., -1]
+        to_target = (into.sum((1, 2)) if into.dim() == 3 else into.sum(1)).float().cpu().numpy()
+        if er.corrupt_metric is not None:
+            corrupt_metric = er.corrupt_metric.float().cpu().numpy()
+    if edges.into or edges.into_latents:
+        from actwh.compute.node_edges import (active_latents, kept_inputs, node_edges, sites,
+                                              target_downs, top_downstream)
 
-            fwd, bwd = sites(loaded.model)
-            b_dev = batch.to(loaded.model.device)
-            cache = loaded.model.run_with_cache(
-                b_dev.tokens, fwd, attention_mask=b_dev.mask, grad_names=bwd,
-                backward_of=lambda logits: target.metric(logits, b_dev).sum())
-            downs = top_downstream(loaded.model, b_dev, cache, edges.into) if edges.into else []
-            if edges.into_latents:
-                downs = list(dict.fromkeys(downs + active_latents(loaded.model, b_dev, cache)))
-            if not edges.component:  # the component graph already has edges into the target
-                downs += target_downs(loaded.model, b_dev, target, cache.logits)
-            parts.append(node_edge_columns(node_edges(loaded.model, b_dev, target, downs, cache),
-                                           edges.select, prompt_ids, mask))
-        merged = {k: np.concatenate([p[k] if p[k] is not None else np.full(len(p["value"]), -1, np.int32)
-                                     for p in parts]) for k in parts[0]}
-        if edges.positions == "summed" and edges.component and not (edges.into or edges.into_latents):
-            merged["up_pos"] = merged["down_pos"] = None
-        order = np.argsort(merged["prompt_id"], kind="stable")
-        out["edges"] = edge_table({k: None if v is None else v[order] for k, v in merged.items()},
-                                  run_id)
-    order = np.argsort(prompt_ids, kind="stable")
-    sorted_chunk = [chunk[i] for i in order]
-    metric, loss = res.metric.float().cpu().numpy()[order], res.loss.float().cpu().numpy()[order]
-    corrupt_metric, to_target = corrupt_metric[order], to_target[order]
-    prompts = pa.table({
-        "run_id": pa.array([run_id] * len(chunk), pa.int32()),
-        "prompt_id": pa.array([e.prompt_id for e in sorted_chunk], pa.int32()),
-        "text": [e.text for e in sorted_chunk],
-        "n_tokens": pa.array([len(e.ids) for e in sorted_chunk], pa.int32()),
-        "target_token_id": pa.array([e.target for e in sorted_chunk], pa.int32()),
-        "distractor_token_id": pa.array([e.distractor for e in sorted_chunk], pa.int32()),
-        "metric": pa.array(metric.astype(np.float64)),
-        "loss": pa.array(loss.astype(np.float64)),
-        "corrupt_metric": pa.array(corrupt_metric.astype(np.float64), from_pandas=True),
-        "edges_to_target": pa.array(to_target.astype(np.float64), from_pandas=True),
-    })
-    tok_rows = [(e.prompt_id, pos, t) for e in sorted_chunk for pos, t in enumerate(e.ids)]
-    tokens_table = pa.table({
-        "run_id": pa.array([run_id] * len(tok_rows), pa.int32()),
-        "prompt_id": pa.array([r[0] for r in tok_rows], pa.int32()),
-        "position": pa.array([r[1] for r in tok_rows], pa.int32()),
-        "token_id": pa.array([r[2] for r in tok_rows], pa.int32()),
-        "token": [token_text[r[2]] for r in tok_rows],
-    })
-    return {"prompts": prompts, "tokens": tokens_table, "node_scalars": table(cols.node),
-            "pair_scalars": table(cols.pair), **out}
-
-
-def edge_table(cols: dict, run_id: int) -> pa.Table:
-    from actwh.compute.scalars import NODE_TYPES
-
-    n = len(cols["value"])
-    types = pa.array(NODE_TYPES)
-    down_input = pa.array(cols["down_input"], mask=cols["down_input"] < 0)
-
-    def pos(k):  # NULL = summed over positions (component edges stored summed use -1 here)
-        if cols[k] is None:
-            return pa.nulls(n, pa.int32())
-        return pa.array(cols[k].astype(np.int32), mask=cols[k] < 0)
-    return pa.table({
-        "run_id": pa.array(np.full(n, run_id, dtype=np.int32)),
-        "prompt_id": pa.array(cols["prompt_id"]),
-        "up_layer": pa.array(cols["up_layer"]),
-        "up_type": pa.DictionaryArray.from_arrays(pa.array(cols["up_type"]), types),
-        "up_index": pa.array(cols["up_index"]),
-        "up_pos": pos("up_pos"),
-        "down_layer": pa.array(cols["down_layer"]),
-        "down_type": pa.DictionaryArray.from_arrays(pa.array(cols["down_type"]), types),
-        "down_index": pa.array(cols["down_index"]),
-        "down_pos": pos("down_pos"),
-        "down_input": pa.DictionaryArray.from_arrays(down_input, pa.array(["q", "k", "v"])),
-        "value": pa.array(cols["value"]),
-    })
+        fwd, bwd = sites(loaded.model)
+        b_dev = batch.to(loaded.model.device)
+        cache = loaded.model.run_with_cache(
+            b_dev.tokens, fwd, attention_mask=b_dev.mask, grad_names=bwd,
+            backward_of=lambda logits: target.metric(logits, b_dev).sum())
+        downs = top_downstream(loaded.model, b_dev, cache, edges.into) if edges.into else []
+        if edges.into_latents:
+            downs = list(dict.fromkeys(downs + active_latents(loaded.model, b_dev, cache)))
+        if not edges.component:  # the component graph already has edges into the target
+            downs += target_downs(loaded.model, b_dev, target, cache.logits)
+        found = node_edges(loaded.model, b_dev, target, downs, cache)
+        parts.append(rows.node_edge_part(kept_inputs(found, rule, batch.mask), prompt_ids, batch.mask))
+    return parts, corrupt_metric, to_target

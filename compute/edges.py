@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from actwh.compute.keep import KeepRule
 from actwh.compute.model import HookedTransformer
 from actwh.compute.targets import Batch, Target, get_target
 from actwh.errors import ActwhError
@@ -243,79 +244,26 @@ def component_edges(model: HookedTransformer, batch: Batch, target: str | Target
                        target.metric(clean.logits, batch), corrupt_metric)
 
 
-def check_edge_options(select: str, positions: str) -> None:
-    mode, _, amount = select.partition(":")
-    try:
-        ok = mode == "dense" and not amount or (mode == "top-k" and int(amount) > 0) or (
-            mode == "threshold" and float(amount) >= 0)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ActwhError(f"bad edge selection {select!r}; use top-k:N, threshold:X or dense")
+def check_edge_options(select: str, positions: str) -> KeepRule:
+    """The parsed `--edges-select` rule, after checking `--edges-positions`."""
+    rule = KeepRule.parse(select, "edge selection")
     if positions not in ("summed", "each"):
         raise ActwhError(f"edge positions must be summed or each, not {positions!r}")
+    return rule
 
 
-def edge_columns(res: EdgeResults, select: str, prompt_ids, target_ids, mask: torch.Tensor) -> dict:
-    """Selected edges of each prompt as NumPy columns (codes index NODE_TYPES / DOWN_INPUTS).
-
-    select: `top-k:N` (N largest |value| per prompt), `threshold:X` (|value| ≥ X) or `dense`.
-    Only upstream pairs are candidates. target_ids: the target token per prompt (the logit
-    node's index), -1 when the target has none (loss).
-    """
-    import numpy as np
-
-    from actwh.compute.scalars import NODE_TYPES
-
-    mode, _, amount = select.partition(":")
+def kept_edges(res: EdgeResults, rule: KeepRule, mask: torch.Tensor):
+    """The edges `rule` keeps per prompt, as (batch row, position in the padded batch or None
+    when summed, upstream node, downstream node, value) tensors; nodes index `res.up`/`res.down`.
+    Only upstream pairs (at real positions) are candidates."""
     values = res.values
     each = values.dim() == 4
     flat = values.reshape(values.shape[0], -1)  # [b, (p) * U * V]
-    real = mask.bool().to(values.device)
     if each:  # upstream pairs at real positions only
+        real = mask.bool().to(values.device)
         ok = (res.allowed[None, None] & real[:, :, None, None]).reshape(flat.shape)
     else:
         ok = res.allowed.reshape(-1)[None, :].expand_as(flat)
-    offsets = real.long().argmax(-1).cpu()  # first real token (left padding)
-    score = flat.abs().masked_fill(~ok, -1.0)
-    if mode == "dense":
-        keep = score >= 0
-    elif mode == "threshold":
-        keep = score >= float(amount)
-    elif mode == "top-k":
-        k = min(int(amount), flat.shape[1])
-        top = score.topk(k, dim=1)
-        keep = torch.zeros_like(ok)
-        keep.scatter_(1, top.indices, top.values >= 0)
-    else:
-        raise ActwhError(f"bad edge selection {select!r}; use top-k:N, threshold:X or dense")
-    bi, fi = keep.nonzero(as_tuple=True)
+    bi, fi = rule.keep(flat, ok).nonzero(as_tuple=True)
     U, V = len(res.up), len(res.down)
-    ui, vi = (fi // V) % U, fi % V
-    pos = fi // (U * V) if each else None
-    up_layer = torch.tensor([u.layer for u in res.up])[ui.cpu()]
-    up_type = torch.tensor([NODE_TYPES.index(u.node_type) for u in res.up])[ui.cpu()]
-    up_index = torch.tensor([u.index for u in res.up])[ui.cpu()]
-    down_layer = torch.tensor([v.layer for v in res.down])[vi.cpu()]
-    down_type = torch.tensor([NODE_TYPES.index(v.node_type) for v in res.down])[vi.cpu()]
-    down_index = torch.tensor([v.index for v in res.down])[vi.cpu()]
-    inputs = ("q", "k", "v")
-    down_input = torch.tensor([inputs.index(v.down_input) if v.down_input else -1
-                               for v in res.down])[vi.cpu()]
-    b = bi.cpu()
-    is_logit = down_type == NODE_TYPES.index("logit")
-    down_index = torch.where(is_logit, torch.as_tensor(np.asarray(target_ids))[b], down_index)
-    out = {
-        "prompt_id": np.asarray(prompt_ids)[b.numpy()].astype(np.int32),
-        "up_layer": up_layer.numpy().astype(np.int16), "up_type": up_type.numpy().astype(np.int8),
-        "up_index": up_index.numpy().astype(np.int32),
-        "up_pos": None if pos is None else (pos.cpu() - offsets[b]).numpy().astype(np.int32),
-        "down_layer": down_layer.numpy().astype(np.int16),
-        "down_type": down_type.numpy().astype(np.int8),
-        "down_index": down_index.numpy().astype(np.int32),
-        "down_input": down_input.numpy().astype(np.int8),
-        "value": flat[bi, fi].detach().float().cpu().numpy(),
-    }
-    out["down_pos"] = out["up_pos"]
-    order = np.argsort(out["prompt_id"], kind="stable")
-    return {k: (None if v is None else v[order]) for k, v in out.items()}
+    return bi, fi // (U * V) if each else None, (fi // V) % U, fi % V, flat[bi, fi]

@@ -187,6 +187,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((xr * cos + rotated * sin, xpass), dim=-1)
 
 
+def expand_kv(t: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
+    """Grouped-query attention: each key/value head repeated for the query heads that share it,
+    so t's head dimension `dim` goes from n_kv_heads to n_heads (query head h reads kv head
+    h // (n_heads // n_kv_heads))."""
+    group = n_heads // t.shape[dim]
+    return t.repeat_interleave(group, dim=dim) if group > 1 else t
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -224,9 +232,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q.flatten(2)).view_as(q), self.k_norm(k.flatten(2)).view_as(k)
         if cfg.rotary_dim:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        group = cfg.n_heads // cfg.n_kv_heads
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        k, v = expand_kv(k, cfg.n_heads, dim=2), expand_kv(v, cfg.n_heads, dim=2)
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.attn_scalar or cfg.d_head)
         if cfg.attn_softcap:
             scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from actwh.compute.edges import norm_vjp
-from actwh.compute.model import HookedTransformer
+from actwh.compute.keep import KeepRule
+from actwh.compute.model import HookedTransformer, expand_kv
 from actwh.compute.sae import at, spliced
 from actwh.compute.targets import Batch, Target, get_target
 
@@ -213,9 +214,7 @@ def _edges_from(model: HookedTransformer, acts, w: Writer, b: int, p: int, r: to
                      at_p(cfg.d_mlp))], mlp.b_out @ r
     if w.kind == "heads":
         attn = model.blocks[w.layer].attn
-        vals = acts[f"blocks.{w.layer}.attn.hook_v"][b]  # [pos, kv, d_head]
-        group = cfg.n_heads // cfg.n_kv_heads
-        vals = vals.repeat_interleave(group, dim=1) if group > 1 else vals
+        vals = expand_kv(acts[f"blocks.{w.layer}.attn.hook_v"][b], cfg.n_heads, dim=1)  # [pos, head, d_head]
         vo_r = torch.einsum("khe,hed,d->hk", vals, attn.W_O, r)  # [head, key]
         heads = acts[f"blocks.{w.layer}.attn.hook_pattern"][b, :, p, :] * vo_r
         n_pos = heads.shape[1]
@@ -316,52 +315,21 @@ def top_downstream(model: HookedTransformer, batch: Batch, cache, n: int) -> lis
     return out
 
 
-def node_edge_columns(results: list[NodeEdges], select: str, prompt_ids, mask: torch.Tensor) -> dict:
-    """Columns for the edges table; `select` (top-k:N | threshold:X | dense) applies per
-    downstream node, so every traced node keeps its strongest inputs."""
-    import numpy as np
-
-    from actwh.compute.scalars import NODE_TYPES
-
-    mode, _, amount = select.partition(":")
-    cols: dict[str, list] = {k: [] for k in ("prompt_id", "up_layer", "up_type", "up_index", "up_pos",
-                                             "down_layer", "down_type", "down_index", "down_pos",
-                                             "down_input", "value")}
+def kept_inputs(results: list[NodeEdges], rule: KeepRule, mask: torch.Tensor):
+    """Per traced node, the entries of each of its parts that `rule` keeps (it applies per
+    downstream node, so every traced node keeps its strongest inputs): a list of
+    (NodeEdges, [(Part, kept indices into the part)]). Candidates: real upstream positions up
+    to the node's own."""
     real = mask.bool().cpu()
-    offsets = real.long().argmax(-1)  # first real token: positions count from it (left padding)
+    out = []
     for res in results:
         v = res.down
         if not res.parts:
             continue
         vals = torch.cat([p.values for p in res.parts]).cpu()
-        layer = torch.cat([torch.full((len(p.values),), p.layer) for p in res.parts])
-        kind = torch.cat([torch.full((len(p.values),), NODE_TYPES.index(p.node_type)) for p in res.parts])
-        index = torch.cat([p.index.cpu() for p in res.parts])
         pos = torch.cat([p.pos.cpu() for p in res.parts])
-        ok = real[v.batch_index][pos] & (pos <= v.pos)
-        score = vals.abs().masked_fill(~ok, -1.0)
-        if mode == "top-k":
-            keep = torch.zeros_like(ok)
-            top = score.topk(min(int(amount), len(score)))
-            keep[top.indices[top.values >= 0]] = True
-        elif mode == "threshold":
-            keep = score >= float(amount)
-        else:
-            keep = score >= 0
-        idx = keep.nonzero().flatten()
-        k = len(idx)
-        off = int(offsets[v.batch_index])
-        cols["prompt_id"].append(np.full(k, prompt_ids[v.batch_index], np.int32))
-        cols["up_layer"].append(layer[idx].numpy().astype(np.int16))
-        cols["up_type"].append(kind[idx].numpy().astype(np.int8))
-        cols["up_index"].append(index[idx].numpy().astype(np.int32))
-        cols["up_pos"].append((pos[idx] - off).numpy().astype(np.int32))
-        cols["down_layer"].append(np.full(k, v.layer, np.int16))
-        cols["down_type"].append(np.full(k, NODE_TYPES.index(v.node_type), np.int8))
-        cols["down_index"].append(np.full(k, v.index, np.int32))
-        cols["down_pos"].append(np.full(k, v.pos - off, np.int32))
-        cols["down_input"].append(np.full(k, "qkv".index(v.down_input) if v.down_input else -1, np.int8))
-        cols["value"].append(vals[idx].float().numpy())
-    out = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
-    order = np.argsort(out["prompt_id"], kind="stable")
-    return {k: v[order] for k, v in out.items()}
+        keep = rule.keep(vals, real[v.batch_index][pos] & (pos <= v.pos))
+        ends = torch.tensor([len(p.values) for p in res.parts]).cumsum(0).tolist()
+        out.append((res, [(p, keep[e - len(p.values):e].nonzero().flatten())
+                          for p, e in zip(res.parts, ends)]))
+    return out

@@ -18,11 +18,11 @@ from typing import Callable
 
 import torch
 
-from actwh.compute.model import HookedTransformer
+from actwh.compute.model import HookedTransformer, expand_kv
 from actwh.compute.targets import TARGETS, Batch, Target, get_target
 from actwh.errors import UnknownName
+from actwh.ontology import NODE_TYPES  # noqa: F401  (re-exported: the registry's node types)
 
-NODE_TYPES = ("embed", "attn_head", "mlp", "mlp_neuron", "sae_latent", "sae_error", "logit", "resid")
 FINAL_GRAD = ("final_grad", "")  # a need: the direct-effect gradient at the final residual
 OPTIONAL_SITES = {"hook_pos_embed"}  # absent in rotary models, where positions enter elsewhere
 
@@ -78,10 +78,7 @@ class Ctx:
     def vo(self, layer: int) -> torch.Tensor:
         """Each head's write per unit of attention to each key: v @ W_O. [batch, key, head, d_model]"""
         attn = self.model.blocks[layer].attn
-        v = self.a("blocks.{L}.attn.hook_v", layer)
-        group = self.model.cfg.n_heads // self.model.cfg.n_kv_heads
-        if group > 1:
-            v = v.repeat_interleave(group, dim=2)
+        v = expand_kv(self.a("blocks.{L}.attn.hook_v", layer), self.model.cfg.n_heads, dim=2)
         return torch.einsum("bkhe,hed->bkhd", v, attn.W_O)
 
 
@@ -130,10 +127,7 @@ def _attn_direct_effect(c: Ctx, L: int) -> torch.Tensor:
     # the rows the target reads), then one batched matmul over (batch, head): gathering v per
     # read row instead would copy v once per row, b·p times for the loss target.
     attn, rows = c.model.blocks[L].attn, c.rows()
-    v = c.a(V, L)
-    group = c.model.cfg.n_heads // c.model.cfg.n_kv_heads
-    if group > 1:
-        v = v.repeat_interleave(group, dim=2)
+    v = expand_kv(c.a(V, L), c.model.cfg.n_heads, dim=2)
     b, p, h, e = v.shape
     back = v.new_zeros(b, p, h, e)  # [b, q, head, d_head]
     back[rows] = torch.einsum("hed,nd->nhe", attn.W_O, c.g_final()[rows])

@@ -1,4 +1,4 @@
-"""Choose which nodes of each prompt to keep, and flatten them into columns.
+"""Choose which nodes of each prompt to keep.
 
 `top-k:N:SCALAR` keeps, per prompt and node type, the N nodes (position, layer, index) of
 SCALAR's node type with the largest |SCALAR|; `threshold:X:SCALAR` those with |SCALAR| ≥ X;
@@ -11,43 +11,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from actwh.compute.scalars import NODE_TYPES, RANKING, SCALARS, ScalarResults, get_scalar
+from actwh.compute.keep import KeepRule
+from actwh.compute.scalars import RANKING, SCALARS, ScalarResults, get_scalar
 from actwh.errors import ActwhError
 
 
 @dataclass(frozen=True)
 class Selection:
-    mode: str  # "top-k", "threshold" or "dense"
-    amount: float = 0.0  # N for top-k, X for threshold
+    rule: KeepRule  # top-k:N, threshold:X or dense, per prompt and node type
     scalar: str | None = None  # the ranking scalar for its own node type
 
     @classmethod
     def parse(cls, text: str) -> Selection:
-        parts = text.split(":")
-        if parts == ["dense"]:
-            return cls("dense")
-        if len(parts) == 3:
-            s = get_scalar(parts[2])
+        syntax = "top-k:N:SCALAR, threshold:X:SCALAR or dense"
+        rule_text, _, scalar = text.rpartition(":") if text.count(":") == 2 else (text, "", None)
+        rule = KeepRule.parse(rule_text, "selection", syntax)
+        if (rule.mode == "dense") != (scalar is None):
+            raise ActwhError(f"bad selection {text!r}; use {syntax}")
+        if scalar is not None:
+            s = get_scalar(scalar)
             if s.kind == "pair" and not s.token_form:
                 raise ActwhError(f"{s.name} has no per-node value to rank nodes by; rank "
                                  f"{s.node_type} nodes by {RANKING[s.node_type]} instead")
-        try:
-            if len(parts) == 3 and parts[0] == "top-k" and int(parts[1]) > 0:
-                return cls("top-k", int(parts[1]), parts[2])
-            if len(parts) == 3 and parts[0] == "threshold":
-                return cls("threshold", float(parts[1]), parts[2])
-        except ValueError:
-            pass
-        raise ActwhError(f"bad selection {text!r}; use top-k:N:SCALAR, threshold:X:SCALAR or dense")
+        return cls(rule, scalar)
+
+    @property
+    def mode(self) -> str:
+        return self.rule.mode
 
     def __str__(self) -> str:
-        if self.mode == "dense":
-            return "dense"
-        amount = int(self.amount) if self.mode == "top-k" else self.amount
-        return f"{self.mode}:{amount}:{self.scalar}"
+        return str(self.rule) if self.scalar is None else f"{self.rule}:{self.scalar}"
 
     def ranking_for(self, node_type: str) -> str:
         if self.scalar is not None and SCALARS[self.scalar].node_type == node_type:
@@ -62,28 +57,18 @@ class Selection:
 
 
 @dataclass
-class Columns:
-    """node_scalars and pair_scalars rows of one batch, as arrays; codes index the name tuples."""
+class KeptNodes:
+    """The kept entries of one batch, per scalar, in batch coordinates (batch row, position in the
+    padded batch); `actwh.rows` turns them into warehouse rows."""
 
-    node: dict[str, np.ndarray]  # prompt_id, position, layer, node_type, node_index, scalar, value
-    pair: dict[str, np.ndarray]  # prompt_id, layer, head, query_pos, key_pos, scalar, value
-    scalar_names: tuple[str, ...]
-    node_type_names: tuple[str, ...] = NODE_TYPES
+    node: list[dict]  # scalar, node_type (names); batch, pos, layer, node_index, value (tensors)
+    pair: list[dict]  # scalar (name); batch, layer, head, query_pos, key_pos, value (tensors)
 
 
 def _keep_mask(rank: torch.Tensor, real: torch.Tensor, sel: Selection) -> torch.Tensor:
     """rank [b, p, L, n] -> bool [b, p, L, n] of kept nodes (never at pad positions)."""
-    score = rank.abs().masked_fill(~real[:, :, None, None] | rank.isnan(), -1.0)
-    if sel.mode == "dense":
-        return score >= 0
-    if sel.mode == "threshold":
-        return score >= sel.amount
-    flat = score.flatten(1)
-    k = min(int(sel.amount), flat.shape[1])
-    top = flat.topk(k, dim=1)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep.scatter_(1, top.indices, top.values >= 0)
-    return keep.view_as(score)
+    candidate = real[:, :, None, None].expand_as(rank)
+    return sel.rule.keep(rank.flatten(1), candidate.flatten(1)).view_as(rank)
 
 
 def _node_major(keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -102,14 +87,12 @@ def _node_major(keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return keep.permute(0, 2, 3, 1).contiguous().nonzero(as_tuple=True)
 
 
-def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
-               sae_layers: tuple[int, ...] = ()) -> Columns:
-    """sae_layers: the layer of each spliced autoencoder, in slot order."""
+def select_nodes(res: ScalarResults, requested, sel: Selection,
+                 sae_layers: tuple[int, ...] = ()) -> KeptNodes:
+    """The nodes `sel` keeps of each requested scalar (pair scalars: the kept heads' query rows).
+    sae_layers: the layer of each spliced autoencoder, in slot order."""
     real = res.mask.bool()
     b, p = real.shape
-    offset = real.long().argmax(-1)  # first real token: positions count from it (left padding)
-    pids = torch.as_tensor(np.asarray(prompt_ids), device=real.device)
-    scalar_names = tuple(SCALARS)
     keeps: dict[str, torch.Tensor] = {}
     kept: dict[str, tuple[torch.Tensor, ...]] = {}  # node type -> its kept (b, L, n, p) indices
     node_parts, pair_parts = [], []
@@ -131,11 +114,8 @@ def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
             layer = torch.as_tensor(sae_layers, device=li.device, dtype=li.dtype)[li]
         else:
             layer = li
-        node_parts.append(dict(
-            prompt_id=pids[bi], position=pi - offset[bi], layer=layer,
-            node_type=torch.full_like(bi, NODE_TYPES.index(s.node_type)), node_index=ni,
-            scalar=torch.full_like(bi, scalar_names.index(name)),
-            value=res.token[name][bi, pi, li, ni]))
+        node_parts.append(dict(scalar=name, node_type=s.node_type, batch=bi, pos=pi, layer=layer,
+                               node_index=ni, value=res.token[name][bi, pi, li, ni]))
     for name, t in res.pair.items():
         if name not in requested:
             continue
@@ -150,26 +130,6 @@ def to_columns(res: ScalarResults, requested, sel: Selection, prompt_ids,
         causal = torch.ones(p, p, dtype=torch.bool, device=real.device).tril()
         full = rows[..., None] & causal & real[:, None, None, None, :]
         bi, li, hi, qi, ki = full.nonzero(as_tuple=True)
-        pair_parts.append(dict(
-            prompt_id=pids[bi], layer=li, head=hi, query_pos=qi - offset[bi],
-            key_pos=ki - offset[bi], scalar=torch.full_like(bi, scalar_names.index(name)),
-            value=t[bi, li, hi, qi, ki]))
-    node_dtypes = dict(prompt_id=np.int32, position=np.int32, layer=np.int16, node_type=np.int8,
-                       node_index=np.int32, scalar=np.int8, value=np.float32)
-    pair_dtypes = dict(prompt_id=np.int32, layer=np.int16, head=np.int16, query_pos=np.int32,
-                       key_pos=np.int32, scalar=np.int8, value=np.float32)
-    return Columns(_concat(node_parts, node_dtypes), _concat(pair_parts, pair_dtypes), scalar_names)
-
-
-def _concat(parts: list[dict], dtypes: dict) -> dict[str, np.ndarray]:
-    """Concatenate, convert once to NumPy, and sort stably by prompt (zone maps need it)."""
-    if not parts:
-        return {k: np.zeros(0, dtype=d) for k, d in dtypes.items()}
-    cols = {}
-    for k, d in dtypes.items():
-        t = torch.cat([part[k] for part in parts]).detach()
-        if t.is_floating_point():
-            t = t.float()  # bfloat16 has no NumPy dtype; values are stored as float32 anyway
-        cols[k] = t.to("cpu").numpy().astype(d, copy=False)
-    order = np.argsort(cols["prompt_id"], kind="stable")
-    return {k: v[order] for k, v in cols.items()}
+        pair_parts.append(dict(scalar=name, batch=bi, layer=li, head=hi, query_pos=qi, key_pos=ki,
+                               value=t[bi, li, hi, qi, ki]))
+    return KeptNodes(node_parts, pair_parts)

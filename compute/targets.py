@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from actwh.errors import UnknownName
+from actwh.errors import PromptError, UnknownName
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,38 @@ class Batch:
     target_ids: torch.Tensor | None = None  # [batch] target token per prompt
     distractor_ids: torch.Tensor | None = None  # [batch] for logit_diff
     positions: torch.Tensor | None = None  # [batch] scored position; None = last real token
+
+    @classmethod
+    def from_ids(cls, ids: list[list[int]], pad: int = 0, targets=None, distractors=None,
+                 positions=None) -> Batch:
+        """Prompts' token ids, padded on the right; targets/distractors: a token id per prompt;
+        positions: a scored position (or None: the last token) per prompt."""
+        n = max(len(x) for x in ids)
+        tokens = torch.tensor([x + [pad] * (n - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
+        ints = lambda v: None if v is None else torch.tensor(list(v))  # noqa: E731
+        if positions is not None and all(p is None for p in positions):
+            positions = None
+        if positions is not None:
+            positions = [len(x) - 1 if p is None else p for x, p in zip(ids, positions)]
+            for i, (x, p) in enumerate(zip(ids, positions)):
+                if not 0 <= p < len(x):
+                    raise PromptError(f"prompt {i}: position {p} is outside its {len(x)} tokens")
+        return cls(tokens, mask, ints(targets), ints(distractors), ints(positions))
+
+    @classmethod
+    def from_text(cls, loaded, texts: list[str], targets=None, distractors=None, positions=None,
+                  prepend_bos: bool = False) -> Batch:
+        """Tokenize prompts with the model's own tokenizer; targets and distractors are one
+        token each, as strings (" Mary") or ids."""
+        from actwh.compute.inference import encode
+        from actwh.compute.prompts import token_id
+
+        ids = [encode(loaded, t, prepend_bos) for t in texts]
+        tok = lambda vals, what: None if vals is None else [  # noqa: E731
+            token_id(loaded.tokenizer, v, what, i) for i, v in enumerate(vals)]
+        return cls.from_ids(ids, loaded.tokenizer.pad_token_id or 0, tok(targets, "target"),
+                            tok(distractors, "distractor"), positions)
 
     @property
     def scored_positions(self) -> torch.Tensor:

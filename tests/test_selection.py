@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from actwh.compute.scalars import ScalarResults, Plan
-from actwh.compute.selection import Selection, to_columns
+from actwh.compute.selection import Selection
+from actwh.rows import to_columns
 from actwh.errors import ActwhError, UnknownName
 
 

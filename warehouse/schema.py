@@ -6,16 +6,18 @@ crash bug, a key made ingest 4.6× slower and storage 5.5× larger when measured
 are written sorted by (run_id, prompt_id, ...) so zone maps prune prompt lookups. Uniqueness
 holds by construction (a prompt's rows land in one transaction with its `prompts` row).
 
-The ENUM value lists are the ontology's names; they are passed in by whoever creates the file
-(the runner, from the compute registry), so this module needs nothing from compute.
+The ENUM value lists are the ontology's names: node types and scalars are passed in by whoever
+creates the file (the runner, from `actwh.ontology` and the scalar registry), `down_input`'s
+come from `actwh.ontology`, which is dependency-free, so this module needs nothing from compute.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
+from actwh.ontology import DOWN_INPUTS
+
 SCHEMA_VERSION = 1
-DOWN_INPUTS = ("q", "k", "v")
 
 
 def build_metadata(node_types: tuple[str, ...], scalars: tuple[str, ...]) -> sa.MetaData:
