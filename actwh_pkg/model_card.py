@@ -44,15 +44,15 @@ def find_heads(db: Path) -> dict:
     from actwh.warehouse import Warehouse
 
     q = Queries()
-    ind = populate(db, PopulateOptions(str(PROMPTS / "induction.jsonl"), None,
-                                       ("attn_pattern", "attn_act_times_grad"), "logprob", "dense"),
+    ind = populate(db, PopulateOptions(prompts=str(PROMPTS / "induction.jsonl"),
+                                       scalars=("attn_pattern", "attn_act_times_grad"), target="logprob", select="dense"),
                    progress=False).run_id
-    ioi = populate(db, PopulateOptions(str(PROMPTS / "ioi.jsonl"), None,
-                                       ("attn_direct_effect", "attn_act_times_grad"), "logit_diff",
-                                       "top-k:12:attn_direct_effect"), progress=False).run_id
-    edges = populate(db, PopulateOptions(str(PROMPTS / "induction.jsonl"), None,
-                                         ("attn_act_times_grad",), "logprob",
-                                         "top-k:1:attn_act_times_grad",
+    ioi = populate(db, PopulateOptions(prompts=str(PROMPTS / "ioi.jsonl"),
+                                       scalars=("attn_direct_effect", "attn_act_times_grad"), target="logit_diff",
+                                       select="top-k:12:attn_direct_effect"), progress=False).run_id
+    edges = populate(db, PopulateOptions(prompts=str(PROMPTS / "induction.jsonl"),
+                                         scalars=("attn_act_times_grad",), target="logprob",
+                                         select="top-k:1:attn_act_times_grad",
                                          edges=EdgeOptions(select="dense")), progress=False).run_id
     with Warehouse(db) as wh:
         induction = q["induction_heads"](wh, run=ind, k=5).to_dicts()

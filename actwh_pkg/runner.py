@@ -8,6 +8,8 @@ missing; a run is `complete` only when every prompt is in.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 import time
@@ -19,12 +21,31 @@ import pyarrow as pa
 from actwh import __version__
 from actwh.errors import ActwhError, PromptError
 
+log = logging.getLogger("actwh.runner")
+
 DEFAULT_SCALARS = ("mlp_post_act", "mlp_act_times_grad", "mlp_direct_effect",
                    "attn_act_times_grad", "attn_direct_effect", "attn_pattern", "token_attribution")
 DEFAULT_SELECTION = "top-k:20:mlp_act_times_grad"
 
 
-@dataclass(frozen=True)
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_rule_numbers(rule: str, flag: str) -> None:
+    """NaN or infinite amounts in a keep rule keep nothing or everything: refuse them."""
+    import math
+
+    for part in rule.split(":")[1:]:
+        try:
+            x = float(part)
+        except ValueError:
+            continue
+        if not math.isfinite(x):
+            raise ActwhError(f"{flag} {rule!r}: the amount must be a finite number")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EdgeOptions:
     """Component-graph edges for a run (provenance: stored with the run's options)."""
 
@@ -40,9 +61,46 @@ class EdgeOptions:
     def method(self) -> str:
         return "EAP-IG" if self.ig_steps else "EAP"
 
+    @staticmethod
+    def parse_into(text: str | None) -> dict:
+        """`top:N` or `latents` (the CLI's --edges-into) as EdgeOptions fields."""
+        if text is None:
+            return {"into": 0, "into_latents": False}
+        if text == "latents":
+            return {"into": 0, "into_latents": True}
+        kind, _, n = text.partition(":")
+        if kind != "top" or not n.isdigit() or int(n) < 1:
+            raise ActwhError(f"--edges-into {text!r}: use top:N (N >= 1) or latents")
+        return {"into": int(n), "into_latents": False}
 
-@dataclass(frozen=True)
+    def validate(self, has_saes: bool = False) -> None:
+        from actwh.compute.edges import check_edge_options
+
+        if self.baseline not in ("zero", "corrupt"):
+            raise ActwhError(f"unknown edge baseline {self.baseline!r}; valid: zero, corrupt")
+        if not _is_int(self.ig_steps) or self.ig_steps < 0:
+            raise ActwhError(f"--ig-steps must be a whole number >= 0, not {self.ig_steps!r}")
+        if self.ig_steps and self.baseline != "corrupt":
+            raise ActwhError("--ig-steps integrates from the corrupted prompt: use "
+                             "--edges-baseline corrupt")
+        if not _is_int(self.into) or self.into < 0:
+            raise ActwhError(f"--edges-into top:N needs N >= 1, not {self.into!r}")
+        if self.into_latents and not has_saes:
+            raise ActwhError("--edges-into latents traces into autoencoder latents: give --sae DIR")
+        if not (self.component or self.into or self.into_latents):
+            raise ActwhError("edges were asked for but no graph: give --edges or --edges-into")
+        _check_rule_numbers(self.select, "--edges-select")
+        check_edge_options(self.select, self.positions)
+
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass(frozen=True, kw_only=True)
 class PopulateOptions:
+    """Everything a run is made from (stored with it; keyword-only). `validate()` checks all that
+    can be checked without the model; `populate` calls it before anything is written."""
+
     prompts: str  # path of the .txt / .jsonl file
     model: str | None = None  # checkpoint folder or cache name; None = the embedded model
     scalars: tuple[str, ...] = DEFAULT_SCALARS
@@ -53,9 +111,56 @@ class PopulateOptions:
     dtype: str = "float32"
     name: str | None = None
     prepend_bos: bool = False
-    detach_ln: bool = False  # freeze every norm scale in the backward pass too
+    detach_ln: bool = False  # freeze every norm scale in the backward pass (scalars; not edges)
     edges: EdgeOptions | None = None  # None: no edges
     saes: tuple[tuple[str, str | None], ...] = ()  # (folder, site override) to splice in
+
+    @staticmethod
+    def sae_pairs(folders, sites=()) -> tuple[tuple[str, str | None], ...]:
+        """Pair --sae folders with --sae-site overrides, in order (fewer sites than folders is
+        fine: the rest use their config's hook_name)."""
+        folders, sites = tuple(folders), tuple(sites)
+        if len(sites) > len(folders):
+            raise ActwhError(f"{len(sites)} --sae-site for {len(folders)} --sae: give one --sae "
+                             "per site")
+        return tuple((str(f), sites[i] if i < len(sites) else None) for i, f in enumerate(folders))
+
+    def validate(self) -> None:
+        """Refuse, with one line naming the problem, anything the run could not finish with."""
+        from actwh.compute.loading import check_device
+        from actwh.compute.scalars import SCALARS, get_scalar
+        from actwh.compute.selection import Selection
+        from actwh.compute.targets import get_target
+
+        if not isinstance(self.prompts, (str, os.PathLike)):
+            raise ActwhError(f"prompts must be a file path, not {self.prompts!r}")
+        if isinstance(self.scalars, str) or not self.scalars:
+            raise ActwhError("no scalars given: name at least one (see `actwh scalars`)")
+        for name in self.scalars:
+            get_scalar(name)
+        if len(set(self.scalars)) != len(self.scalars):
+            raise ActwhError(f"a scalar is named twice in {','.join(self.scalars)}")
+        if not self.saes and any(SCALARS[s].sae_level for s in self.scalars):
+            raise ActwhError("SAE scalars need an autoencoder: give --sae DIR")
+        _check_rule_numbers(self.select, "--select")
+        Selection.parse(self.select)
+        if self.target is not None:
+            get_target(self.target)
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ActwhError(f"--batch-size must be a whole number >= 1, not {self.batch_size!r}")
+        if self.dtype not in DTYPES:
+            raise ActwhError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        check_device(self.device)
+        if self.detach_ln and self.edges is not None:
+            raise ActwhError("--detach-ln applies to scalars; edges always use the model's own "
+                             "norm pull-backs: run edges without --detach-ln")
+        for folder, site in self.saes:
+            if not os.path.isdir(folder):
+                raise ActwhError(f"SAE folder {folder} not found")
+            if site is not None and not isinstance(site, str):
+                raise ActwhError(f"SAE site must be a hook name, not {site!r}")
+        if self.edges is not None:
+            self.edges.validate(has_saes=bool(self.saes))
 
     def to_json(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -65,6 +170,7 @@ class PopulateOptions:
 
     @classmethod
     def from_json(cls, d: dict) -> PopulateOptions:
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         edges = d.get("edges")
         if edges is not None:
             edges = EdgeOptions(**{k: v for k, v in edges.items() if k != "method"})
@@ -92,6 +198,8 @@ class PopulateResult:
     seconds: float
     tokens: int
     rows: dict = field(default_factory=dict)
+    already_complete: bool = False  # a resume of a run that was complete: nothing was done
+    commits: int = 0  # transactions the batches took (small batches share one)
 
 
 def default_target(prompts) -> str:
@@ -160,9 +268,20 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume: int | None = None,
-             progress: bool | None = None, on_wait=None) -> PopulateResult:
-    """Fill (or resume) one run. Every input is checked before the warehouse is opened."""
+def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
+             resume: int | None = None, progress: bool | None = None, on_wait=None,
+             on_warning=None, commit_rows: int = 200_000, commit_seconds: float = 2.0,
+             hold_bytes: int = 256 << 20) -> PopulateResult:
+    """Fill (or resume) one run. Every input is checked before the warehouse is written.
+
+    A resume takes the run's stored options (giving `opts` too is refused) and refuses, naming
+    what changed, when the prompt file, the weights or an autoencoder differ from what the run
+    started with; resuming a complete run changes nothing. Finished batches are grouped into one
+    commit per `commit_rows` rows or `commit_seconds` seconds; while another process holds the
+    file they are held (in memory up to `hold_bytes`, then in a staging folder beside the file).
+    """
+    import hashlib
+
     import torch
 
     from actwh.compute.loading import load_model
@@ -170,44 +289,79 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
     from actwh.compute.scalars import NODE_TYPES, SCALARS, get_scalar
     from actwh.compute.selection import Selection
     from actwh.compute.targets import get_target
-    from actwh.warehouse.store import WarehouseWriter
+    from actwh.warehouse.store import Warehouse, WarehouseWriter, check_writable
 
+    warn = on_warning or log.warning
+    stored = None
     if resume is not None:
+        if opts is not None:
+            raise ActwhError(f"resuming run {resume} uses its stored options; give no other options")
         if not os.path.exists(db):
             raise ActwhError(f"cannot resume run {resume}: no warehouse at {db}")
-        writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), on_wait=on_wait)
-        opts = PopulateOptions.from_json(writer.run(resume)["options"])
-    assert opts is not None
+        with Warehouse(db) as wh:  # read-only: a complete run is left byte for byte as it is
+            wh.require_run(resume)
+            stored = wh.sql("SELECT r.status, r.n_prompts, r.options, m.weights_sha256 FROM runs r "
+                            "JOIN models m USING (model_id) WHERE run_id = $run",
+                            run=resume).row(0, named=True)
+            stored["texts"] = dict(wh.sql("SELECT prompt_id, text FROM prompts WHERE run_id = $run",
+                                          run=resume).iter_rows())
+        if stored["status"] == "complete":
+            return PopulateResult(resume, "complete", stored["n_prompts"], 0, 0.0, 0,
+                                  {"node_scalars": 0, "pair_scalars": 0}, already_complete=True)
+        stored_options = json.loads(stored["options"])
+        opts = PopulateOptions.from_json(stored_options)
+        stored["inputs"] = stored_options.get("inputs") or {}
+    if not isinstance(opts, PopulateOptions):
+        raise ActwhError("populate needs PopulateOptions (or resume=RUN_ID)")
+    opts.validate()
+    check_writable(db)
     scalars = [get_scalar(s).name for s in opts.scalars]
     selection = Selection.parse(opts.select)
     prompts = read_prompts(opts.prompts)
+    prompts_sha = hashlib.sha256(open(opts.prompts, "rb").read()).hexdigest()
+    changed = lambda what, old, new: ActwhError(  # noqa: E731
+        f"cannot resume run {resume}: {what} changed since it started ({old[:12]}... -> "
+        f"{new[:12]}...); start a new run")
+    if stored is not None and stored["inputs"].get("prompts_sha256", prompts_sha) != prompts_sha:
+        raise changed(f"the prompt file {opts.prompts}", stored["inputs"]["prompts_sha256"],
+                      prompts_sha)
     target = get_target(opts.target or default_target(prompts))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "float64": torch.float64}.get(opts.dtype)
-    if dtype is None:
-        raise ActwhError(f"unknown dtype {opts.dtype!r}; valid: float32, bfloat16, float16, float64")
+    dtype = getattr(torch, opts.dtype)
     loaded = load_model(opts.model, device=opts.device, dtype=dtype)
+    if stored is not None and stored["weights_sha256"] != loaded.info.weights_sha256:
+        raise changed(f"the weights in {loaded.info.source}", stored["weights_sha256"],
+                      loaded.info.weights_sha256)
     saes = []
     if opts.saes:
         from actwh.compute.sae import load_sae, splice
 
-        for folder, site in opts.saes:
+        for i, (folder, site) in enumerate(opts.saes):
             sae = load_sae(folder, site)
+            old = (stored["inputs"].get("saes_sha256") or [None] * len(opts.saes))[i] if stored else None
+            if old is not None and old != sae.info.weights_sha256:
+                raise changed(f"the autoencoder in {folder}", old, sae.info.weights_sha256)
             splice(loaded.model, sae)
             saes.append(sae)
-        saes.sort(key=lambda s: s.info.layer)
-    elif any(SCALARS[s].sae_level for s in scalars):
-        raise ActwhError("SAE scalars need an autoencoder: give --sae DIR")
-    if opts.edges is not None:
-        if opts.edges.baseline not in ("zero", "corrupt"):
-            raise ActwhError(f"unknown edge baseline {opts.edges.baseline!r}; valid: zero, corrupt")
-        if opts.edges.ig_steps and opts.edges.baseline != "corrupt":
-            raise ActwhError("--ig-steps integrates from the corrupted prompt: use --edges-baseline corrupt")
-        from actwh.compute.edges import check_edge_options
-
-        check_edge_options(opts.edges.select, opts.edges.positions)
+    sae_shas = [s.info.weights_sha256 for s in saes]
+    saes.sort(key=lambda s: s.info.layer)
     encoded = encode_all(loaded, prompts, target, opts.prepend_bos,
                          need_corrupt=opts.edges is not None and opts.edges.baseline == "corrupt")
+    unk = loaded.tokenizer.unk_token_id
+    if unk is not None:
+        n_unk = sum(e.ids.count(unk) for e in encoded)
+        if n_unk:
+            warn(f"{n_unk} prompt tokens are unknown to the tokenizer ({loaded.tokenizer.unk_token}) "
+                 f"in {sum(unk in e.ids for e in encoded)} of {len(encoded)} prompts")
+    if stored is not None:
+        if len(encoded) != stored["n_prompts"]:
+            raise ActwhError(f"cannot resume run {resume}: it has {stored['n_prompts']} prompts, "
+                             f"{opts.prompts} now holds {len(encoded)}; start a new run")
+        texts = stored["texts"]
+        moved = [e.prompt_id for e in encoded if e.prompt_id in texts and texts[e.prompt_id] != e.text]
+        if moved or set(texts) - {e.prompt_id for e in encoded}:
+            raise ActwhError(f"cannot resume run {resume}: prompts already written differ from "
+                             f"{opts.prompts} (first: prompt {(moved or sorted(texts))[0]}); "
+                             "start a new run")
     model_arg = opts.model
     if model_arg is not None and os.path.isdir(model_arg):
         model_arg = os.path.abspath(model_arg)  # so --resume works from any directory
@@ -215,7 +369,9 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
                               "prompts": os.path.abspath(opts.prompts),
                               "saes": tuple((os.path.abspath(f), site) for f, site in opts.saes)})
 
-    writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), on_wait=on_wait)
+    writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), wait_s=None, on_wait=on_wait,
+                             group_rows=commit_rows, group_seconds=commit_seconds,
+                             hold_bytes=hold_bytes)
     if resume is None:
         info = loaded.info
         cfg = loaded.model.cfg
@@ -227,7 +383,9 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
             model_id, name=opts.name, target=target.name, scalars=",".join(scalars),
             selection=str(selection), code_version=__version__,
             device=str(loaded.model.device), dtype=opts.dtype, n_prompts=len(encoded),
-            options=opts.to_json())
+            options={**opts.to_json(), "inputs": {"prompts_sha256": prompts_sha,
+                                                  "weights_sha256": loaded.info.weights_sha256,
+                                                  "saes_sha256": sae_shas}})
         for sae in saes:
             i = sae.info
             writer.register_sae(model_id, dict(site=i.site, d_in=i.d_in, d_sae=i.d_sae, source=i.source,
@@ -245,7 +403,7 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
         chunk = pending[i:i + opts.batch_size]
         tables = compute_batch(loaded, chunk, target, needed, scalars, selection, opts.detach_ln,
                                run_id, token_text, opts.edges)
-        writer.append_batch(run_id, tables)
+        writer.queue_batch(run_id, tables)
         for t in rows:
             rows[t] += tables[t].num_rows
         n_tok = sum(len(e.ids) for e in chunk)
@@ -254,7 +412,7 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, resume:
     bar.close()
     status = writer.finish_run(run_id)
     return PopulateResult(run_id, status, len(encoded), len(pending), time.monotonic() - start,
-                          n_tokens, rows)
+                          n_tokens, rows, commits=writer.commits)
 
 
 def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selection, detach_ln,

@@ -17,6 +17,14 @@ class Group(click.Group):
             return super().invoke(ctx)
         except ActwhError as e:
             raise click.ClickException(str(e)) from None
+        except click.UsageError as e:  # one line, like every other error
+            raise click.ClickException(e.format_message()) from None
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted", err=True)
+            ctx.exit(130)
+        except OSError as e:  # an unwritable output path, a vanished folder
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            raise click.ClickException(f"{e.strerror or e}{where}") from None
 
 
 @click.group(cls=Group)
@@ -64,21 +72,39 @@ def db_option(f):
                         help="Warehouse file (or $ACTWH_DB).")(f)
 
 
+TYPED = {"str": str, "int": int, "float": float}
+
+
 def parse_params(pairs: tuple[str, ...]) -> dict:
-    """k=v pairs; values that read as integers or floats are bound as numbers."""
+    """K=V pairs. V is bound as an integer or float when it reads as one, else as text;
+    `K=str:V` (or `int:`, `float:`) says the type: `-p code=str:0001` binds the text '0001'."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not k=v", param_hint="--param")
-        for cast in (int, float):
+            raise click.BadParameter(f"{pair!r} is not K=V", param_hint="--param")
+        kind, colon, rest = value.partition(":")
+        if colon and kind in TYPED:
             try:
-                value = cast(value)
-                break
+                value = TYPED[kind](rest)
             except ValueError:
-                continue
+                raise click.BadParameter(f"{pair!r}: {rest!r} is not {kind}",
+                                         param_hint="--param") from None
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    continue
+        if key in out:
+            raise click.BadParameter(f"{key} is given twice", param_hint="--param")
         out[key] = value
     return out
+
+
+PARAM_HELP = ("Bind $K to V (repeatable); never pasted into the SQL. V binds as a number when it "
+              "reads as one: K=str:V forces text (K=str:0001), K=int:V / K=float:V a number.")
 
 
 @cli.command()
@@ -121,49 +147,75 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
               help="Splice a sparse autoencoder (SAELens or OpenAI layout); repeatable.")
 @click.option("--sae-site", "sae_sites", multiple=True, metavar="SITE",
               help="Hook site for the matching --sae (overrides its config); repeatable.")
+@click.option("--commit-seconds", default=2.0, show_default=True, type=float,
+              help="Group finished batches into one commit at most this often (0: each batch "
+                   "its own commit).")
 @click.option("--top", default=10, show_default=True, help="Attributions to print at the end.")
-def populate(prompts, db, model_path, scalars, all_scalars, target, select, batch_size, device,
+@click.pass_context
+def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select, batch_size, device,
              dtype, name, prepend_bos, detach_ln, resume, edges, edges_baseline, ig_steps,
-             edges_select, edges_positions, edges_into, sae_dirs, sae_sites, top) -> None:
-    """Run the model over PROMPTS (.txt or .jsonl) and load scalars into the warehouse."""
+             edges_select, edges_positions, edges_into, sae_dirs, sae_sites, commit_seconds,
+             top) -> None:
+    """Run the model over PROMPTS (.txt or .jsonl) and load scalars into the warehouse.
+
+    A populate never gives up on a file someone else holds open: it keeps computing, holds the
+    finished batches and writes them when the file is free. --resume RUN_ID finishes an
+    interrupted run with its stored options, and refuses if the prompt file, the weights or an
+    autoencoder changed since it started."""
     from actwh.runner import (DEFAULT_SCALARS, DEFAULT_SELECTION, EdgeOptions, PopulateOptions,
                               populate as run)
     from actwh.compute.default_model import default_prompts
     from actwh.compute.scalars import SCALARS
 
+    from click.core import ParameterSource
+
+    given = [p for p in ctx.command.params if p.name not in ("db", "top")
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
     opts = None
-    if resume is None:
+    if resume is not None:
+        others = [p.opts[0] if isinstance(p, click.Option) else p.human_readable_name
+                  for p in given if p.name != "resume"]
+        if others:
+            raise click.UsageError(f"--resume continues a run with its stored options; remove "
+                                   f"{', '.join(others)}")
+    else:
+        if not (edges or edges_into):
+            loose = [p.opts[0] for p in given if p.name in
+                     ("edges_baseline", "ig_steps", "edges_select", "edges_positions")]
+            if loose:
+                raise click.UsageError(f"{', '.join(loose)} applies to edges: add --edges or "
+                                       "--edges-into")
         names = tuple(n for n, s in SCALARS.items() if sae_dirs or not s.sae_level) if all_scalars else (
-            tuple(s.strip() for s in scalars.split(",") if s.strip()) if scalars else DEFAULT_SCALARS)
+            tuple(s.strip() for s in scalars.split(",") if s.strip()) if scalars is not None
+            else DEFAULT_SCALARS)
         if prompts is None and model_path is None:
             prompts = str(default_prompts())
         if prompts is None:
             raise click.UsageError("give a PROMPTS file (the example prompts belong to the "
                                    "default model)")
-        into, into_latents = 0, False
-        if edges_into == "latents":
-            if not sae_dirs:
-                raise click.BadParameter("tracing into latents needs --sae", param_hint="--edges-into")
-            into_latents = True
-        elif edges_into is not None:
-            kind, _, n = edges_into.partition(":")
-            if kind != "top" or not n.isdigit() or int(n) < 1:
-                raise click.BadParameter("use top:N or latents", param_hint="--edges-into")
-            into = int(n)
+        into = EdgeOptions.parse_into(edges_into)
         edge_opts = None
-        if edges or into or into_latents:
-            edge_opts = EdgeOptions(edges_baseline, ig_steps, edges_select, edges_positions, into,
-                                    component=edges, into_latents=into_latents)
-        if len(sae_sites) > len(sae_dirs):
-            raise click.BadParameter("more --sae-site than --sae", param_hint="--sae-site")
-        saes = tuple((d, sae_sites[i] if i < len(sae_sites) else None) for i, d in enumerate(sae_dirs))
-        opts = PopulateOptions(prompts, model_path, names, target, select or DEFAULT_SELECTION,
-                               batch_size, device, dtype, name, prepend_bos, detach_ln, edge_opts,
-                               saes)
-    result = run(db, opts, resume=resume, on_wait=lambda msg: click.echo(msg, err=True))
-    click.echo(f"run {result.run_id}: {result.status}, {result.n_written} prompts written "
-               f"({result.rows['node_scalars']:,} node rows, {result.rows['pair_scalars']:,} pair "
-               f"rows) in {result.seconds:.1f}s -> {db}", err=True)
+        if edges or edges_into:
+            edge_opts = EdgeOptions(baseline=edges_baseline, ig_steps=ig_steps,
+                                    select=edges_select, positions=edges_positions,
+                                    component=edges, **into)
+        opts = PopulateOptions(prompts=prompts, model=model_path, scalars=names, target=target,
+                               select=select or DEFAULT_SELECTION, batch_size=batch_size,
+                               device=device, dtype=dtype, name=name, prepend_bos=prepend_bos,
+                               detach_ln=detach_ln, edges=edge_opts,
+                               saes=PopulateOptions.sae_pairs(sae_dirs, sae_sites))
+    if commit_seconds < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--commit-seconds")
+    result = run(db, opts, resume=resume, on_wait=lambda msg: click.echo(msg, err=True),
+                 on_warning=lambda msg: click.echo(f"Warning: {msg}", err=True),
+                 commit_seconds=commit_seconds)
+    if result.already_complete:
+        click.echo(f"run {result.run_id} is already complete ({result.n_prompts} prompts); "
+                   "nothing to do", err=True)
+    else:
+        click.echo(f"run {result.run_id}: {result.status}, {result.n_written} prompts written "
+                   f"({result.rows['node_scalars']:,} node rows, {result.rows['pair_scalars']:,} "
+                   f"pair rows) in {result.seconds:.1f}s -> {db}", err=True)
     if top:
         from actwh.queries.loader import Queries
         from actwh.warehouse.store import Warehouse
@@ -174,11 +226,23 @@ def populate(prompts, db, model_path, scalars, all_scalars, target, select, batc
 
 @cli.command()
 @db_option
+@click.option("--delete", "delete", type=int, default=None, metavar="RUN_ID",
+              help="Remove this run (an abandoned one, say) from every table, in one transaction.")
 @format_option
-def runs(db, fmt) -> None:
-    """List the runs in the warehouse."""
+def runs(db, delete, fmt) -> None:
+    """List the runs in the warehouse (or delete one)."""
     from actwh.warehouse.store import Warehouse
 
+    if delete is not None:
+        from actwh.compute.scalars import NODE_TYPES, SCALARS
+        from actwh.warehouse.store import WarehouseWriter
+
+        Warehouse(db).require_run(delete)  # refuse before opening the file for writing
+        removed = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS)).delete_run(delete)
+        click.echo(f"run {delete} deleted ({removed['prompts']} prompts, "
+                   f"{removed['node_scalars']:,} node rows, {removed['pair_scalars']:,} pair rows, "
+                   f"{removed['edges']:,} edges)", err=True)
+        return
     render(Warehouse(db).runs(), fmt)
 
 
@@ -195,8 +259,7 @@ def models(db, fmt) -> None:
 @cli.command()
 @click.argument("query")
 @db_option
-@click.option("--param", "-p", "params", multiple=True, metavar="K=V",
-              help="Bind $K to V (repeatable); never pasted into the SQL.")
+@click.option("--param", "-p", "params", multiple=True, metavar="K=V", help=PARAM_HELP)
 @format_option
 def sql(query, db, params, fmt) -> None:
     """Run one SQL statement on the warehouse (read-only) and print the result."""
@@ -241,8 +304,7 @@ def list_queries() -> None:
 @cli.command()
 @click.argument("name")
 @db_option
-@click.option("--param", "-p", "params", multiple=True, metavar="K=V",
-              help="Bind parameter K to V (repeatable).")
+@click.option("--param", "-p", "params", multiple=True, metavar="K=V", help=PARAM_HELP)
 @format_option
 def query(name, db, params, fmt) -> None:
     """Run the saved query NAME (see `actwh queries`) with bound parameters."""
@@ -250,8 +312,7 @@ def query(name, db, params, fmt) -> None:
     from actwh.warehouse.store import Warehouse
 
     saved = Queries()[name]
-    bound = saved.bind(**parse_params(params))
-    render(Warehouse(db).sql(saved.sql, **bound), fmt)
+    render(saved(Warehouse(db), **parse_params(params)), fmt)
 
 
 @cli.command()

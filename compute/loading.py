@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,26 @@ class LoadedModel:
     model: HookedTransformer
     tokenizer: object
     info: ModelInfo
+
+
+def check_device(device: str | None) -> None:
+    """A device torch knows and this machine has (None: cuda if present, else cpu)."""
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r}: no CUDA device is available here; use cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError(f"device {device!r}: MPS is not available here; use cpu")
+    elif d.type != "cpu":
+        raise ModelLoadError(f"device {device!r} is not supported; valid: cpu, cuda, cuda:N, mps")
 
 
 def resolve(name_or_path: str | os.PathLike | None) -> Path:
@@ -88,10 +109,14 @@ def read_state_dict(files: list[Path]) -> tuple[dict[str, torch.Tensor], str]:
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
-        if f.suffix == ".safetensors":
-            state.update(load_file(f))
-        else:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        try:
+            if f.suffix == ".safetensors":
+                state.update(load_file(f))
+            else:
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:  # safetensors, pickle and zip errors have no common base
+            raise ModelLoadError(f"cannot read weights {f}: damaged or not a weights file "
+                                 f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
     return state, digest.hexdigest()
 
 
@@ -333,6 +358,21 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
+
+
+def _check_weights(folder: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    """Weights the config does not describe, or that are not finite, are refused."""
+    layers = {int(m.group(1)) for k in state for m in [_LAYER_KEY.search(k)] if m}
+    if layers and max(layers) + 1 != cfg.n_layers:
+        raise ModelLoadError(f"config.json in {folder} declares {cfg.n_layers} layers but the "
+                             f"weights hold {max(layers) + 1}")
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelLoadError(f"weights in {folder}: {name} holds NaN or infinite values")
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = None,
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a checkpoint folder (or cache name, or the default model when None) and its tokenizer."""
@@ -341,8 +381,17 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
         c = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {e}") from None
-    cfg = config_from_hf(c)
+    if not isinstance(c, dict):
+        raise ModelLoadError(f"{folder / 'config.json'} holds a {type(c).__name__}, not an object")
+    try:
+        cfg = config_from_hf(c)
+    except KeyError as e:
+        raise ModelLoadError(f"{folder / 'config.json'} lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise ModelLoadError(f"{folder / 'config.json'} has a malformed value: {e}") from None
+    check_device(device)
     state, sha = read_state_dict(weight_files(folder))
+    _check_weights(folder, cfg, state)
     model = HookedTransformer(cfg)
     try:
         missing, unexpected = model.load_state_dict(convert(cfg, c, state), strict=False)
@@ -353,6 +402,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     if missing:
         raise ModelLoadError(f"weights in {folder} lack {', '.join(missing[:5])}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"model folder {folder} has no tokenizer (none of "
+                             f"{', '.join(TOKENIZER_FILES)})")
     model.to(device=device, dtype=dtype).eval()
     try:
         tokenizer = load_tokenizer(folder)

@@ -30,7 +30,11 @@ def read_prompts(path: str | Path) -> list[PromptSpec]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise PromptError(f"{path} is not UTF-8 text: {e}") from None
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raise PromptError(f"{path}: a .json file is not read; give .jsonl (one JSON object per "
+                          "line) or .txt (one prompt per line)")
+    if suffix == ".jsonl":
         prompts = [_jsonl_line(path, i, line) for i, line in enumerate(lines) if line.strip()]
     else:
         prompts = [PromptSpec(i, line) for i, line in enumerate(lines) if line.strip()]
@@ -50,11 +54,19 @@ def _jsonl_line(path: Path, i: int, line: str) -> PromptSpec:
     unknown = set(row) - JSONL_KEYS
     if unknown:
         raise PromptError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(JSONL_KEYS)}")
+    if not row["text"].strip():
+        raise PromptError(f"{where}: \"text\" is empty")
     for key in ("target", "distractor"):
-        if key in row and not isinstance(row[key], (str, int)):
-            raise PromptError(f"{where}: {key} must be a token string or a token id")
-    if "position" in row and not isinstance(row["position"], int):
-        raise PromptError(f"{where}: position must be an integer")
+        value = row.get(key)
+        if key in row and (isinstance(value, bool) or not isinstance(value, (str, int))
+                           or value == ""):
+            raise PromptError(f"{where}: {key} must be a token string or a token id, not "
+                              f"{json.dumps(value)}")
+    if "position" in row and (isinstance(row["position"], bool)
+                              or not isinstance(row["position"], int)):
+        raise PromptError(f"{where}: position must be an integer, not {json.dumps(row['position'])}")
+    if "corrupt" in row and not isinstance(row["corrupt"], str):
+        raise PromptError(f"{where}: corrupt must be a text, not {json.dumps(row['corrupt'])}")
     return PromptSpec(i, row["text"], row.get("target"), row.get("distractor"), row.get("corrupt"),
                       row.get("position"))
 
@@ -68,4 +80,8 @@ def token_id(tokenizer, value: str | int, what: str, prompt_id: int) -> int:
     ids = tokenizer(value, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise PromptError(f"prompt {prompt_id}: {what} {value!r} is {len(ids)} tokens, not one")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and value.strip() != tokenizer.unk_token:
+        raise PromptError(f"prompt {prompt_id}: {what} {value!r} is not in the vocabulary "
+                          f"(it would become {tokenizer.unk_token})")
     return ids[0]

@@ -123,11 +123,17 @@ def load_sae(folder: str | Path, site: str | None = None) -> SparseAutoencoder:
     folder = Path(folder)
     if not folder.is_dir():
         raise SAEError(f"SAE folder {folder} not found")
-    if (folder / "cfg.json").exists():
-        return _load_saelens(folder, site)
-    pts = sorted(folder.glob("*.pt"))
-    if pts:
-        return _load_openai(folder, pts[0], site)
+    try:
+        if (folder / "cfg.json").exists():
+            return _load_saelens(folder, site)
+        pts = sorted(folder.glob("*.pt"))
+        if pts:
+            return _load_openai(folder, pts[0], site)
+    except SAEError:
+        raise
+    except Exception as e:  # damaged files: safetensors, pickle, JSON and shape errors
+        text = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise SAEError(f"{folder}: damaged or malformed autoencoder files ({text})") from None
     raise SAEError(f"{folder} holds neither cfg.json + sae_weights.safetensors (SAELens) nor a "
                    ".pt state dict (OpenAI sparse_autoencoder)")
 
@@ -136,6 +142,8 @@ def _load_saelens(folder: Path, site: str | None) -> SparseAutoencoder:
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "cfg.json").read_text())
+    if not isinstance(cfg, dict):
+        raise SAEError(f"{folder / 'cfg.json'} holds a {type(cfg).__name__}, not an object")
     weights_file = folder / "sae_weights.safetensors"
     if not weights_file.exists():
         raise SAEError(f"{folder} has cfg.json but no sae_weights.safetensors")
@@ -233,12 +241,17 @@ def _check_site(site: str | None, folder: Path) -> str:
 
 
 def _check_shapes(w: dict, folder: Path) -> dict:
+    if w["W_enc"].ndim != 2:
+        raise SAEError(f"{folder}: W_enc has shape {tuple(w['W_enc'].shape)}, expected [d_in, d_sae]")
     d_in, d_sae = w["W_enc"].shape
     want = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     for name, shape in want.items():
         if tuple(w[name].shape) != shape:
             raise SAEError(f"{folder}: {name} has shape {tuple(w[name].shape)}, expected {shape} "
                            f"for W_enc {tuple(w['W_enc'].shape)}")
+    for name, t in w.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SAEError(f"{folder}: {name} holds NaN or infinite values")
     return {k: v.float() for k, v in w.items()}
 
 

@@ -159,8 +159,25 @@ def influence_prune(edges: pl.DataFrame, node_t: float = 0.8, edge_t: float = 0.
 METHODS = ("threshold", "top-n", "reachable", "influence")
 
 
+def check_circuit_args(method, value, n, node_threshold, edge_threshold) -> None:
+    import math
+
+    if method not in METHODS:
+        raise ActwhError(f"unknown circuit method {method!r}; valid: {', '.join(METHODS)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ActwhError(f"-n must be a whole number >= 1, not {n!r}")
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ActwhError(f"--threshold must be a finite number >= 0, not {value!r}")
+    for t, flag in ((node_threshold, "--node-threshold"), (edge_threshold, "--edge-threshold")):
+        if not (math.isfinite(t) and 0 < t <= 1):
+            raise ActwhError(f"{flag} is a cumulative fraction in (0, 1], not {t!r}")
+
+
 def find_circuit(wh, run: int, prompt: int, method: str = "influence", value: float | None = None,
                  n: int = 50, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Circuit:
+    check_circuit_args(method, value, n, node_threshold, edge_threshold)
+    if hasattr(wh, "require_run"):
+        wh.require_run(run)
     if method == "reachable":
         return reachable(wh, run, prompt, value or 0.0)
     edges = load_edges(wh, run, prompt)

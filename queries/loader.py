@@ -54,8 +54,14 @@ class SavedQuery:
         return bound
 
     def __call__(self, wh, **kwargs):
-        """Run against a Warehouse; returns a Polars DataFrame."""
-        return wh.sql(self.sql, **self.bind(**kwargs))
+        """Run against a Warehouse; returns a Polars DataFrame. An empty result whose
+        parameter values match nothing in the file (a run that does not exist, a misspelled
+        scalar) is an error naming the valid values."""
+        bound = self.bind(**kwargs)
+        df = wh.sql(self.sql, **bound)
+        if df.height == 0 and hasattr(wh, "check_values"):
+            wh.check_values(bound)
+        return df
 
     def signature_text(self) -> str:
         return ", ".join(p if d is _MISSING else f"{p}={d!r}" for p, d in self.params)

@@ -57,9 +57,10 @@ def test_sigkill_at_random_points_then_resume_completes(tmp_path, gpt2_dir):
             "--top", "0"]
     rng = random.Random(7)
     kills = 0
+    resume = ["populate", "--db", str(db), "--top", "0", "--resume", "1"]  # options are stored
     while kills < 6:
         started = db.exists() and invariants(db)[0] > 0
-        proc = spawn(args + (["--resume", "1"] if started else []))
+        proc = spawn(resume if started else args)
         t0 = time.monotonic()
         while not db.exists() and proc.poll() is None and time.monotonic() - t0 < 60:
             time.sleep(0.02)
@@ -74,7 +75,7 @@ def test_sigkill_at_random_points_then_resume_completes(tmp_path, gpt2_dir):
         if db.exists():
             invariants(db)
     started = db.exists() and invariants(db)[0] > 0
-    done = subprocess.run([*ACTWH, *args, *(["--resume", "1"] if started else [])],
+    done = subprocess.run([*ACTWH, *(resume if started else args)],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
@@ -139,7 +140,10 @@ def test_bad_input_is_one_line_error_and_leaves_file_unchanged(tmp_path, gpt2_di
         prompts, expect = str(bad), "longer than the context"
     elif case == "unknown_resume":
         extra, expect = ["--resume", "42"], "no run 42"
-    result = runner.invoke(cli, ["populate", prompts, *base, *extra])
+    args = ["populate", prompts, *base, *extra]
+    if case == "unknown_resume":  # a resume takes its options from the run
+        args = ["populate", "--db", str(db), "--top", "0", *extra]
+    result = runner.invoke(cli, args)
     assert result.exit_code != 0
     lines = [l for l in result.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and expect in lines[0], result.output

@@ -99,8 +99,8 @@ def test_saved_query_names_the_card_induction_head(tmp_path):
     from actwh.warehouse import Warehouse
 
     db = tmp_path / "wh.duckdb"
-    run = populate(db, PopulateOptions(str(PROMPTS / "induction.jsonl"), None,
-                                       ("attn_pattern",), "logprob", "dense"), progress=False).run_id
+    run = populate(db, PopulateOptions(prompts=str(PROMPTS / "induction.jsonl"),
+                                       scalars=("attn_pattern",), target="logprob", select="dense"), progress=False).run_id
     with Warehouse(db) as wh:
         top = Queries()["induction_heads"](wh, run=run, k=3)
     assert top["node_label"][0] == card_heads()[0]
@@ -116,8 +116,8 @@ def test_previous_token_head_feeds_the_induction_heads_key(tmp_path):
     L_i, h_i = map(int, re.findall(r"\d+", induction))
     L_p, h_p = map(int, re.findall(r"\d+", previous))
     db = tmp_path / "wh.duckdb"
-    run = populate(db, PopulateOptions(str(PROMPTS / "induction.jsonl"), None, ("attn_pattern",),
-                                       "logprob", "top-k:1:attn_act_times_grad",
+    run = populate(db, PopulateOptions(prompts=str(PROMPTS / "induction.jsonl"), scalars=("attn_pattern",),
+                                       target="logprob", select="top-k:1:attn_act_times_grad",
                                        edges=EdgeOptions(select="dense")), progress=False).run_id
     with Warehouse(db) as wh:
         into = wh.sql(

@@ -146,8 +146,8 @@ def test_stored_edges_round_trip_and_selection_count(tmp_path, gpt2_dir):
 
     prompts = write_prompts(tmp_path / "p.jsonl")
     db = tmp_path / "wh.duckdb"
-    opts = PopulateOptions(str(prompts), str(gpt2_dir), ("mlp_act_times_grad",), "logit_diff",
-                           batch_size=1, edges=EdgeOptions(select="top-k:9"))
+    opts = PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), scalars=("mlp_act_times_grad",),
+                           target="logit_diff", batch_size=1, edges=EdgeOptions(select="top-k:9"))
     run = populate(db, opts, progress=False).run_id
     loaded = load_model(gpt2_dir, device="cpu")
     encoded = encode_all(loaded, read_prompts(prompts), TARGETS["logit_diff"], False)
@@ -184,8 +184,8 @@ def test_bfloat16_populate_with_edges_tracks_float32(tmp_path, gpt2_dir):
     prompts = write_prompts(tmp_path / "p.jsonl")
     runs = {}
     for dtype in ("float32", "bfloat16"):
-        opts = PopulateOptions(str(prompts), str(gpt2_dir), ("mlp_act_times_grad",), "logit_diff",
-                               dtype=dtype, edges=EdgeOptions(select="dense", into=2))
+        opts = PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), scalars=("mlp_act_times_grad",),
+                               target="logit_diff", dtype=dtype, edges=EdgeOptions(select="dense", into=2))
         runs[dtype] = populate(tmp_path / "wh.duckdb", opts, progress=False).run_id
     wh = Warehouse(tmp_path / "wh.duckdb")
     m = wh.sql("SELECT a.metric AS f32, b.metric AS bf16 FROM prompts a JOIN prompts b USING (prompt_id) "
@@ -209,7 +209,8 @@ def test_run_reports_edges_into_target_beside_corrupt_metric(tmp_path, gpt2_dir)
 
     prompts = write_prompts(tmp_path / "p.jsonl", IOI_ROWS[:2])
     db = tmp_path / "wh.duckdb"
-    opts = PopulateOptions(str(prompts), str(gpt2_dir), ("mlp_act_times_grad",), "logit_diff", batch_size=1,
+    opts = PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), scalars=("mlp_act_times_grad",),
+                           target="logit_diff", batch_size=1,
                            edges=EdgeOptions(baseline="corrupt", ig_steps=2, select="top-k:3"))
     run = populate(db, opts, progress=False).run_id
     stored = Warehouse(db).sql("SELECT prompt_id, metric, corrupt_metric, edges_to_target FROM prompts "

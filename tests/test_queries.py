@@ -52,11 +52,11 @@ def wh_path(tmp_path_factory, gpt2_dir):
     ioi = write_prompts(tmp / "ioi.jsonl")
     ind = write_prompts(tmp / "ind.jsonl", INDUCTION)
     common = dict(model=str(gpt2_dir), batch_size=4)
-    populate(db, PopulateOptions(str(ioi), target="logit_diff", select="top-k:6:mlp_act_times_grad",
+    populate(db, PopulateOptions(prompts=str(ioi), target="logit_diff", select="top-k:6:mlp_act_times_grad",
                                  **common), progress=False)
-    populate(db, PopulateOptions(str(ioi), target="logprob", select="top-k:6:mlp_act_times_grad",
+    populate(db, PopulateOptions(prompts=str(ioi), target="logprob", select="top-k:6:mlp_act_times_grad",
                                  **common), progress=False)
-    populate(db, PopulateOptions(str(ind), scalars=("attn_pattern", "attn_act_times_grad"),
+    populate(db, PopulateOptions(prompts=str(ind), scalars=("attn_pattern", "attn_act_times_grad"),
                                  select="dense", **common), progress=False)
     writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))
     rng = random.Random(0)

@@ -31,8 +31,8 @@ def populated(tmp_path_factory, gpt2_dir):
     tmp = tmp_path_factory.mktemp("pop")
     prompts = write_prompts(tmp / "p.jsonl")
     db = tmp / "wh.duckdb"
-    opts = PopulateOptions(str(prompts), str(gpt2_dir), SCALAR_SET, "logit_diff",
-                           "top-k:7:mlp_act_times_grad", batch_size=4)
+    opts = PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), scalars=SCALAR_SET,
+                           target="logit_diff", select="top-k:7:mlp_act_times_grad", batch_size=4)
     result = populate(db, opts, progress=False)
     return db, opts, result
 
@@ -124,8 +124,8 @@ def test_each_table_is_one_arrow_insert_per_batch(tmp_path, gpt2_dir, monkeypatc
     real_connect = store.connect
     monkeypatch.setattr(store, "connect", lambda *a, **k: Spy(real_connect(*a, **k)))
     prompts = write_prompts(tmp_path / "p.jsonl")
-    populate(tmp_path / "w.duckdb", PopulateOptions(str(prompts), str(gpt2_dir), SCALAR_SET,
-                                                    batch_size=3), progress=False)
+    populate(tmp_path / "w.duckdb", PopulateOptions(prompts=str(prompts), model=str(gpt2_dir),
+                                                    scalars=SCALAR_SET, batch_size=3), progress=False)
     inserts = [s for s in statements if s.startswith("INSERT INTO") and "batch_rows" in s]
     assert len(inserts) == 2 * 4  # 2 batches x (prompts, tokens, node_scalars, pair_scalars)
     assert all("SELECT * FROM batch_rows" in s for s in inserts)
