@@ -10,3 +10,4 @@ PY="${PYTHON:-python}"
 "$PY" bench_loading.py
 "$PY" bench_queries.py
 "$PY" bench_populate.py
+"$PY" bench_evaluate.py

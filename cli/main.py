@@ -358,3 +358,47 @@ def examples(kind) -> None:
 
     for k in [kind] if kind else ["ioi", "induction", "successor"]:
         click.echo(default_prompts(k))
+
+
+@cli.command()
+@click.argument("run", type=int)
+@db_option
+@click.option("--prompts", "prompt_ids", default="all", show_default=True, metavar="all|ID,...",
+              help="Which of the run's prompts to evaluate.")
+@click.option("--method", type=click.Choice(["influence", "top-n", "threshold"]),
+              default="influence", show_default=True, help="How each prompt's circuit is chosen "
+              "from the run's stored edges.")
+@click.option("--sizes", default=None, metavar="A,B,...",
+              help="Circuit sizes: edge counts (top-n), |value| thresholds (threshold) or "
+                   "cumulative edge-influence fractions (influence) [default: 10,...,500 | "
+                   "1,...,0.01 | 0.5,...,0.99].")
+@click.option("--baseline", type=click.Choice(["corrupt", "zero", "mean"]), default="corrupt",
+              show_default=True, help="What patched edges carry: the corrupted prompt's "
+              "writes, zero, or the mean over the run's prompts.")
+@click.option("--node-threshold", default=0.8, show_default=True,
+              help="Cumulative influence fraction of nodes kept (influence).")
+@click.option("--circuit", "circuit_id", type=int, default=None, metavar="ID",
+              help="Evaluate a stored circuit (see `actwh circuit --save`) instead.")
+@click.option("--batch-size", default=8, show_default=True, help="Prompts per patched pass.")
+@device_option
+@format_option
+def evaluate(run, db, prompt_ids, method, sizes, baseline, node_threshold, circuit_id, batch_size,
+             device, fmt) -> None:
+    """Faithfulness of RUN's circuits: patch every edge outside them and measure the metric."""
+    from actwh.evaluate import EvalOptions, evaluate as run_eval, parse_prompt_ids, parse_sizes
+    from actwh.queries.loader import Queries
+    from actwh.warehouse.store import Warehouse
+
+    circuit = None
+    if circuit_id is not None:
+        from actwh.queries.circuits import read_circuit
+
+        circuit = read_circuit(Warehouse(db), circuit_id)
+        if sizes is not None:
+            raise click.BadParameter("a stored circuit has one size", param_hint="--sizes")
+    opts = EvalOptions(method, parse_sizes(sizes, method), baseline, parse_prompt_ids(prompt_ids),
+                       node_threshold, batch_size, device)
+    result = run_eval(db, run, opts, circuit)
+    click.echo(f"evaluation {result.eval_id}: {len(result.rows['prompt_id'])} rows -> {db}",
+               err=True)
+    render(Queries()["faithfulness_curve"](Warehouse(db), eval=result.eval_id), fmt)

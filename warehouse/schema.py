@@ -119,7 +119,54 @@ def build_metadata(node_types: tuple[str, ...], scalars: tuple[str, ...]) -> sa.
              sa.Column("down_pos", sa.Integer),  # NULL: summed over positions
              sa.Column("down_input", down_input),  # q, k or v for attention heads, else NULL
              sa.Column("value", sa.REAL, nullable=False))
+    add_eval_tables(md)
     return md
+
+
+def add_eval_tables(md: sa.MetaData) -> sa.MetaData:
+    """Circuit evaluations (`actwh evaluate`, `actwh verify`) and stored circuits (`actwh circuit`).
+
+    No ENUMs, so `create_missing_tables` can add them to a file made before they existed.
+    `evaluations` holds each evaluation's provenance (its options as JSON); `circuit_evals` one
+    row per prompt and circuit: the patched metric and the faithfulness (patched − baseline) /
+    (clean − baseline), with the empty circuit (selection 'none') and the full graph ('all') as
+    the curve's end points."""
+    sa.Table("evaluations", md,
+             sa.Column("eval_id", sa.Integer, primary_key=True, autoincrement=False),
+             sa.Column("run_id", sa.Integer, nullable=False),
+             sa.Column("created_at", sa.DateTime, nullable=False),
+             sa.Column("code_version", sa.String, nullable=False),
+             sa.Column("options", sa.JSON, nullable=False))
+    sa.Table("circuit_evals", md,
+             sa.Column("eval_id", sa.Integer, nullable=False),
+             sa.Column("run_id", sa.Integer, nullable=False),
+             sa.Column("prompt_id", sa.Integer, nullable=False),
+             sa.Column("method", sa.String, nullable=False),  # influence | top-n | threshold | circuit
+             sa.Column("selection", sa.String, nullable=False),  # e.g. top-n:20, none, all
+             sa.Column("n_edges", sa.Integer, nullable=False),
+             sa.Column("n_nodes", sa.Integer, nullable=False),
+             sa.Column("baseline", sa.String, nullable=False),  # corrupt | zero | mean
+             sa.Column("metric", sa.Float, nullable=False),
+             sa.Column("faithfulness", sa.Float))  # NULL when clean = baseline
+    return md
+
+
+EVAL_TABLES = ("evaluations", "circuit_evals")
+
+
+def create_missing_tables(con) -> None:
+    """Create the evaluation tables in an older warehouse (a DuckDB connection open for
+    writing); idempotent."""
+    from sqlalchemy.schema import CreateTable
+
+    try:
+        from duckdb_sqlalchemy import Dialect as dialect_cls
+    except ImportError:  # pragma: no cover - older dialect package layouts
+        from sqlalchemy.dialects.postgresql import dialect as dialect_cls
+    md = add_eval_tables(sa.MetaData())
+    for name in EVAL_TABLES:
+        ddl = str(CreateTable(md.tables[name], if_not_exists=True).compile(dialect=dialect_cls()))
+        con.execute(ddl)
 
 
 BIG_TABLES = ("node_scalars", "pair_scalars", "edges")

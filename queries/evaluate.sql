@@ -1,0 +1,65 @@
+-- name: faithfulness_curve
+-- A faithfulness curve: mean faithfulness over prompts per circuit, smallest circuit first (one evaluation: eval, or the latest of run, method and baseline).
+-- params: eval = NULL, run = NULL, method = 'influence', baseline = 'corrupt'
+WITH chosen AS (
+    SELECT coalesce(CAST($eval AS INTEGER),
+                    (SELECT max(eval_id) FROM circuit_evals
+                     WHERE run_id = CAST($run AS INTEGER) AND method = $method
+                       AND baseline = $baseline)) AS eval_id
+)
+SELECT eval_id, run_id, method, baseline, selection, count(*) AS n_prompts,
+       avg(n_edges) AS mean_edges, avg(n_nodes) AS mean_nodes, avg(metric) AS mean_metric,
+       avg(faithfulness) AS faithfulness, min(faithfulness) AS min_faithfulness,
+       max(faithfulness) AS max_faithfulness
+FROM circuit_evals
+WHERE eval_id = (SELECT eval_id FROM chosen)
+GROUP BY eval_id, run_id, method, baseline, selection
+ORDER BY mean_edges, faithfulness, selection;
+
+-- name: smallest_circuit
+-- Per prompt, the smallest evaluated circuit whose faithfulness reaches level (one evaluation: eval, or the latest of run, method and baseline).
+-- params: level = 0.8, eval = NULL, run = NULL, method = 'influence', baseline = 'corrupt'
+WITH chosen AS (
+    SELECT coalesce(CAST($eval AS INTEGER),
+                    (SELECT max(eval_id) FROM circuit_evals
+                     WHERE run_id = CAST($run AS INTEGER) AND method = $method
+                       AND baseline = $baseline)) AS eval_id
+)
+SELECT prompt_id, selection, n_edges, n_nodes, metric, faithfulness
+FROM circuit_evals
+WHERE eval_id = (SELECT eval_id FROM chosen) AND faithfulness >= $level
+QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY n_edges, faithfulness DESC) = 1
+ORDER BY prompt_id;
+
+-- name: method_auc
+-- Methods (each run's edge scores × circuit selection, latest evaluation of each) ranked by the mean area under their faithfulness curves, x = the fraction of the graph's edges kept, on the prompts every one of them evaluated.
+-- params: baseline = 'corrupt'
+WITH latest AS (
+    SELECT max(eval_id) AS eval_id FROM circuit_evals
+    WHERE baseline = $baseline GROUP BY run_id, method
+), e AS (
+    SELECT c.* FROM circuit_evals c JOIN latest USING (eval_id)
+), common AS (  -- prompts every compared evaluation has, with a defined faithfulness throughout
+    SELECT prompt_id FROM e GROUP BY prompt_id
+    HAVING count(DISTINCT eval_id) = (SELECT count(*) FROM latest)
+       AND count(*) FILTER (WHERE faithfulness IS NULL) = 0
+), pts AS (
+    SELECT eval_id, run_id, method, prompt_id, faithfulness AS y,
+           n_edges / max(n_edges) OVER (PARTITION BY eval_id, prompt_id) AS x
+    FROM e WHERE prompt_id IN (SELECT prompt_id FROM common)
+), seg AS (
+    SELECT *, lag(x) OVER w AS x0, lag(y) OVER w AS y0
+    FROM pts WINDOW w AS (PARTITION BY eval_id, prompt_id ORDER BY x, y)
+), per_prompt AS (
+    SELECT eval_id, run_id, method, prompt_id,
+           sum(coalesce((x - x0) * (y + y0) / 2, 0)) AS auc
+    FROM seg GROUP BY eval_id, run_id, method, prompt_id
+)
+SELECT rank() OVER (ORDER BY avg(p.auc) DESC) AS rank,
+       coalesce(json_extract_string(r.options, '$.edges.method'), 'edges?') || ' ' || p.method
+           AS scoring,
+       p.run_id, p.eval_id, count(*) AS n_prompts, avg(p.auc) AS auc,
+       min(p.auc) AS min_auc, max(p.auc) AS max_auc
+FROM per_prompt p JOIN runs r USING (run_id)
+GROUP BY p.run_id, p.eval_id, p.method, r.options
+ORDER BY rank, p.run_id, p.method;
