@@ -29,7 +29,7 @@ import torch
 from actwh.compute.edges import Node, downstream_nodes, upstream_nodes
 from actwh.compute.model import HookedTransformer
 from actwh.compute.targets import Batch
-from actwh.errors import ActwhError
+from actwh.errors import ActwhError, UnsupportedArchitecture
 
 
 def _embed_sites(model: HookedTransformer) -> list[str]:
@@ -143,8 +143,18 @@ def allowed_edges(model: HookedTransformer) -> torch.Tensor:
     return torch.arange(1 + cfg.n_layers * per_layer)[:, None] < n_up[None, :]
 
 
+def check_patchable(model: HookedTransformer) -> None:
+    """Edge patching needs each head's write to be z_h W_O_h: refuse post-sublayer norms."""
+    if model.cfg.post_norm:
+        raise UnsupportedArchitecture(
+            f"edge patching is not implemented for {model.cfg.arch} (post-sublayer norms make "
+            "a head's write depend on the other heads)")
+
+
 def _normalized(norm, x: torch.Tensor) -> torch.Tensor:
     """A `Norm`'s normalized value (before its weight and bias) of x, without its hooks."""
+    if norm.kind == "none":
+        return x
     dtype = x.dtype
     x = x.to(torch.promote_types(dtype, torch.float32))
     if not norm.rms:
@@ -169,6 +179,7 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
     """
     batch = batch.to(model.device)
     cfg = model.cfg
+    check_patchable(model)
     if not isinstance(keep_edges, torch.Tensor):
         keep_edges = edge_mask(model, keep_edges)
     U, V = len(upstream_nodes(model)), len(downstream_nodes(model))

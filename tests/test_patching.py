@@ -299,3 +299,16 @@ def test_patched_metric_equals_transformers_reference_default_model():
     batch = Batch(tokens, mask, torch.tensor([one(r["target"]) for r in rows]),
                   torch.tensor([one(r["distractor"]) for r in rows]))
     check_against_transformers(WEIGHTS, batch, corrupt, seed=1, n_sets=2)
+
+
+def test_post_norm_families_are_refused(tmp_path):
+    from conftest import save_tiny
+
+    from actwh.errors import UnsupportedArchitecture
+
+    loaded = load_model(save_tiny("gemma2", tmp_path / "g"), device="cpu")
+    batch = make_batch(loaded.tokenizer)
+    model = loaded.model
+    U, V = len(upstream_nodes(model)), len(downstream_nodes(model))
+    with pytest.raises(UnsupportedArchitecture, match="post-sublayer norms"):
+        run_patched(model, batch, torch.ones(U, V, dtype=torch.bool), "zero")
