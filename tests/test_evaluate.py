@@ -43,10 +43,10 @@ def wh_eval(tmp_path_factory, gpt2_dir):
     folder = tmp_path_factory.mktemp("eval")
     prompts = write_prompts(folder / "p.jsonl", ROWS)
     db = folder / "wh.duckdb"
-    populate(db, PopulateOptions(str(prompts), str(gpt2_dir), batch_size=3,
-                                 edges=EdgeOptions("corrupt", 0, "dense")), progress=False)
-    populate(db, PopulateOptions(str(prompts), str(gpt2_dir), batch_size=2,
-                                 edges=EdgeOptions("zero", 0, "top-k:30")), progress=False)
+    populate(db, PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), batch_size=3,
+                                 edges=EdgeOptions(baseline="corrupt", select="dense")), progress=False)
+    populate(db, PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), batch_size=2,
+                                 edges=EdgeOptions(baseline="zero", select="top-k:30")), progress=False)
     return db, gpt2_dir
 
 
@@ -210,9 +210,10 @@ def count_rows(db):
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, gpt2_dir):
     db = tmp_path / "wh.duckdb"
     plain = write_prompts(tmp_path / "plain.jsonl", IOI_ROWS)  # most rows lack a corrupt text
-    populate(db, PopulateOptions(str(plain), str(gpt2_dir), edges=EdgeOptions("zero", 0, "dense")),
+    populate(db, PopulateOptions(prompts=str(plain), model=str(gpt2_dir),
+                                 edges=EdgeOptions(baseline="zero", select="dense")),
              progress=False)
-    populate(db, PopulateOptions(str(plain), str(gpt2_dir)), progress=False)  # run 2: no edges
+    populate(db, PopulateOptions(prompts=str(plain), model=str(gpt2_dir)), progress=False)  # run 2: no edges
     runner = CliRunner()
     cases = [
         (["evaluate", "9"], "no run 9"),
@@ -279,8 +280,8 @@ def test_default_model_influence_circuit_faithfulness(tmp_path):
     from actwh.compute.default_model import WEIGHTS, default_prompts
 
     db = tmp_path / "wh.duckdb"
-    populate(db, PopulateOptions(str(default_prompts("ioi")), None,
-                                 edges=EdgeOptions("corrupt", 0, "dense")), progress=False)
+    populate(db, PopulateOptions(prompts=str(default_prompts("ioi")),
+                                 edges=EdgeOptions(baseline="corrupt", select="dense")), progress=False)
     res = evaluate(db, 1, EvalOptions("influence", (0.98,), "corrupt"))
     wh = Warehouse(db)
     rows = wh.sql("SELECT * FROM circuit_evals WHERE eval_id = $e AND selection = "
@@ -303,8 +304,8 @@ def test_default_model_influence_circuit_faithfulness(tmp_path):
     print("default model, influence circuit (0.8/0.98), corrupt baseline:",
           curve.select("selection", "mean_edges", "faithfulness").rows())
     # Acceptance: EAP, EAP-IG (5 steps) and influence pruning in one warehouse, ranked by AUC
-    populate(db, PopulateOptions(str(default_prompts("ioi")), None,
-                                 edges=EdgeOptions("corrupt", 5, "dense")), progress=False)
+    populate(db, PopulateOptions(prompts=str(default_prompts("ioi")),
+                                 edges=EdgeOptions(baseline="corrupt", ig_steps=5, select="dense")), progress=False)
     evaluate(db, 1, EvalOptions("top-n", (10, 50), "corrupt"))
     evaluate(db, 2, EvalOptions("top-n", (10, 50), "corrupt"))
     ranked = Queries()["method_auc"](Warehouse(db))
