@@ -27,7 +27,7 @@ WITH pattern AS (
     JOIN targets t ON t.prompt_id = pa.prompt_id AND t.query_pos = pa.query_pos AND t.key_pos = pa.key_pos
     GROUP BY ALL
 )
-SELECT layer, head, 'L' || layer || 'H' || head AS node_label, avg(score) AS induction_score,
+SELECT layer, head, node_label(layer, 'attn_head', head) AS node_label, avg(score) AS induction_score,
        count(*) AS n_queries
 FROM per_query
 GROUP BY layer, head
@@ -38,7 +38,7 @@ LIMIT $k;
 -- name: previous_token_heads
 -- Heads that attend from each token to the one just before it (mean attention to position q - 1 over stored query rows).
 -- params: run, min_score = 0.0, k = 20
-SELECT layer, head, 'L' || layer || 'H' || head AS node_label,
+SELECT layer, head, node_label(layer, 'attn_head', head) AS node_label,
        avg(value) AS previous_token_score, count(*) AS n_queries
 FROM pair_scalars
 WHERE run_id = $run AND scalar = 'attn_pattern' AND query_pos >= 1 AND key_pos = query_pos - 1

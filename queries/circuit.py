@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from actwh.errors import ActwhError
+from actwh.ontology import node_label
 
 NODE_KEY = ("layer", "node_type", "node_index", "pos")
 EXEMPT = ("embed", "logit")  # tokens and targets are never pruned
@@ -43,10 +44,10 @@ class Circuit:
         return {"nodes": self.nodes.to_dicts(), "edges": self.edges.to_dicts()}
 
 
-def label(layer: int, node_type: str, index: int, pos) -> str:
-    base = {"attn_head": f"L{layer}H{index}", "mlp_neuron": f"L{layer}N{index}",
-            "mlp": f"L{layer}.mlp", "embed": "emb", "sae_latent": f"L{layer}F{index}",
-            "sae_error": f"L{layer}.err", "logit": f"logit{index}"}.get(node_type, f"{node_type}{layer}_{index}")
+def label(layer: int, node_type: str, index: int, pos, token: str | None = None) -> str:
+    """The node's label (`actwh.ontology.node_label`, as SQL's `node_label`), `@pos` when the
+    edges are per position."""
+    base = node_label(layer, node_type, index, token)
     return base if pos is None else f"{base}@{pos}"
 
 

@@ -126,13 +126,22 @@ def load_file(path: Path) -> dict[str, SavedQuery]:
     return out
 
 
+_PARSED: dict[str, SavedQuery] = {}  # the package's own queries, parsed once per process
+
+
 def load_queries(folder: Path = QUERIES_DIR) -> dict[str, SavedQuery]:
+    """Every query of folder's `*.sql` files. The package's own folder is parsed once per
+    process (its files do not change under a running program); any other folder, each call."""
+    if Path(folder) == QUERIES_DIR and _PARSED:
+        return _PARSED
     out: dict[str, SavedQuery] = {}
-    for path in sorted(folder.glob("*.sql")):
+    for path in sorted(Path(folder).glob("*.sql")):
         for name, q in load_file(path).items():
             if name in out:
                 raise QueryError(f"{path}:{q.line}: query {name} is also defined in {out[name].file}")
             out[name] = q
+    if Path(folder) == QUERIES_DIR:
+        _PARSED.update(out)
     return out
 
 

@@ -1,15 +1,16 @@
 -- Readable names over the tables, created with the schema. Plain DuckDB SQL: any client can use them.
-CREATE OR REPLACE MACRO node_label(layer, node_type, node_index) AS
+-- node_label is generated from actwh/ontology.py's LABELS (tests/test_labels.py checks it is current):
+--   python -c 'from actwh.ontology import node_label_sql; print(node_label_sql())'
+CREATE OR REPLACE MACRO node_label(layer, node_type, node_index, token := NULL) AS
     CASE CAST(node_type AS VARCHAR)
-        WHEN 'attn_head' THEN 'L' || layer || 'H' || node_index
-        WHEN 'mlp_neuron' THEN 'L' || layer || 'N' || node_index
-        WHEN 'mlp' THEN 'L' || layer || '.mlp'
         WHEN 'embed' THEN 'emb'
-        WHEN 'sae_latent' THEN 'L' || layer || 'F' || node_index
-        WHEN 'sae_error' THEN 'L' || layer || '.err'
-        WHEN 'logit' THEN 'logit'
-        WHEN 'resid' THEN 'L' || layer || '.resid'
-        ELSE CAST(node_type AS VARCHAR) || layer || '_' || node_index
+        WHEN 'attn_head' THEN 'L' || CAST(layer AS VARCHAR) || 'H' || CAST(node_index AS VARCHAR)
+        WHEN 'mlp' THEN 'L' || CAST(layer AS VARCHAR) || '.mlp'
+        WHEN 'mlp_neuron' THEN 'L' || CAST(layer AS VARCHAR) || 'N' || CAST(node_index AS VARCHAR)
+        WHEN 'sae_latent' THEN 'L' || CAST(layer AS VARCHAR) || 'F' || CAST(node_index AS VARCHAR)
+        WHEN 'sae_error' THEN 'L' || CAST(layer AS VARCHAR) || '.err'
+        WHEN 'logit' THEN 'logit' || coalesce(':"' || token || '"', CASE WHEN node_index >= 0 THEN CAST(node_index AS VARCHAR) ELSE '' END)
+        ELSE CAST(node_type AS VARCHAR) || CAST(layer AS VARCHAR) || '_' || CAST(node_index AS VARCHAR)
     END;
 CREATE OR REPLACE VIEW nodes AS
     SELECT n.run_id, n.prompt_id, n.position, t.token, n.layer, n.node_type, n.node_index,
@@ -17,7 +18,7 @@ CREATE OR REPLACE VIEW nodes AS
     FROM node_scalars n
     LEFT JOIN tokens t USING (run_id, prompt_id, position);
 CREATE OR REPLACE VIEW pairs AS
-    SELECT p.run_id, p.prompt_id, p.layer, p.head, 'L' || p.layer || 'H' || p.head AS node_label,
+    SELECT p.run_id, p.prompt_id, p.layer, p.head, node_label(p.layer, 'attn_head', p.head) AS node_label,
            p.query_pos, q.token AS query_token, p.key_pos, k.token AS key_token, p.scalar, p.value
     FROM pair_scalars p
     LEFT JOIN tokens q ON q.run_id = p.run_id AND q.prompt_id = p.prompt_id AND q.position = p.query_pos
