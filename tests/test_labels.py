@@ -57,7 +57,7 @@ def test_stored_views_label_as_python_does(tmp_path, gpt2_dir):
     the target) carries Python's label for its node."""
     db = tmp_path / "w.duckdb"
     prompts = write_prompts(tmp_path / "p.jsonl")
-    populate(db, PopulateOptions(str(prompts), model=str(gpt2_dir), batch_size=4,
+    populate(db, PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), batch_size=4,
                                  scalars=("mlp_post_act", "attn_act_times_grad", "token_attribution"),
                                  edges=EdgeOptions(into=3, positions="each", select="top-k:20")),
              progress=False)
