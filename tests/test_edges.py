@@ -10,6 +10,7 @@ from actwh.compute.loading import load_model
 from actwh.compute.targets import TARGETS, Batch
 
 from conftest import PROMPTS, padded_batch
+from reference import component_grad, component_outputs, hf_logits
 
 CORRUPT = ["when John and Mary went to the store , Mary gave a ball to",
            "the dog",
@@ -27,76 +28,46 @@ def make_batch(loaded, texts=PROMPTS):
 
 
 def outputs(model, batch, extra_hooks=()):
-    """Upstream writes, computed directly: embed (+pos), z_h W_O_h per head, MLP outputs."""
-    names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_points else [])
-    names += [f"blocks.{L}.{s}" for L in range(model.cfg.n_layers) for s in ("attn.hook_z", "hook_mlp_out")]
-    acts = model.run_with_cache(batch.tokens, names, attention_mask=batch.mask,
-                                fwd_hooks=extra_hooks).acts
-    outs = [acts["hook_embed"] + acts.get("hook_pos_embed", 0)]
-    for L, blk in enumerate(model.blocks):
-        for h in range(model.cfg.n_heads):
-            outs.append(acts[f"blocks.{L}.attn.hook_z"][:, :, h] @ blk.attn.W_O[h])
-        outs.append(acts[f"blocks.{L}.hook_mlp_out"])
-    return outs
+    return component_outputs(model, batch, extra_hooks)
 
 
 def reference_grad(model, batch, target, v, extra_hooks=()):
-    """∂metric/∂in_v where only v reads a private copy of the residual stream. [b, p, d]"""
-    cfg = model.cfg
-    copy = {}
-
-    def grab(t, name):
-        copy["x"] = t.detach().clone().requires_grad_(True)
-
-    hooks = list(extra_hooks)
-    if v.node_type == "attn_head":
-        blk = model.blocks[v.layer]
-        W = {"q": blk.attn.W_Q, "k": blk.attn.W_K, "v": blk.attn.W_V}[v.down_input]
-        b = {"q": blk.attn.b_Q, "k": blk.attn.b_K, "v": blk.attn.b_V}[v.down_input]
-
-        def swap(t, name):
-            t = t.clone()
-            t[:, :, v.index] = blk.ln1(copy["x"]) @ W[v.index] + b[v.index]
-            return t
-        hooks += [(f"blocks.{v.layer}.hook_resid_pre", grab),
-                  (f"blocks.{v.layer}.attn.hook_{v.down_input}", swap)]
-    elif v.node_type == "mlp":
-        blk = model.blocks[v.layer]
-        src = "hook_resid_pre" if cfg.parallel else "hook_resid_mid"
-        hooks += [(f"blocks.{v.layer}.{src}", grab),
-                  (f"blocks.{v.layer}.mlp.hook_pre",
-                   lambda t, n: blk.ln2(copy["x"]) @ blk.mlp.W_in + blk.mlp.b_in)]
-        if cfg.gated_mlp:
-            hooks.append((f"blocks.{v.layer}.mlp.hook_pre_linear",
-                          lambda t, n: blk.ln2(copy["x"]) @ blk.mlp.W_up + blk.mlp.b_up))
-    else:
-        def keep(t, name):
-            copy["x"] = t
-        hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", keep))
-    with torch.enable_grad(), model.hooks(fwd=hooks):
-        logits = model(batch.tokens, batch.mask)
-        (g,) = torch.autograd.grad(TARGETS[target].metric(logits, batch).sum(), [copy["x"]])
-    return g * batch.mask[..., None]
+    return component_grad(model, batch, target, v.node_type, v.layer, v.index, v.down_input,
+                          extra_hooks)[0]
 
 
-def test_edges_equal_brute_force_and_are_complete(model64):
+def upstream_bias(model, v):
+    """Σ attention output biases of the layers upstream of v (an MLP's bias is in its output)."""
+    n = model.cfg.n_layers if v.node_type == "logit" else v.layer + (
+        v.node_type == "mlp" and not model.cfg.parallel)
+    return sum((model.blocks[L].attn.b_O for L in range(n)), torch.zeros_like(model.blocks[0].attn.b_O))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_edges_equal_brute_force_and_are_complete(model64, side):
     model = model64.model
-    batch = make_batch(model64)
+    tokens, mask = padded_batch(model64.tokenizer, PROMPTS, side)
+    batch = Batch(tokens, mask, torch.tensor([5, 7, 9]), torch.tensor([6, 8, 10]))
     res = component_edges(model, batch, "logit_diff", positions="each")
+    summed = component_edges(model, batch, "logit_diff", positions="summed")
     outs = outputs(model, batch)
     for j, v in enumerate(res.down):
-        g = reference_grad(model, batch, "logit_diff", v)
+        g, x = component_grad(model, batch, "logit_diff", v.node_type, v.layer, v.index, v.down_input)
+        total = (upstream_bias(model, v) * g).sum(-1)  # [b, p]
         for i, u in enumerate(res.up):
             if res.allowed[i, j]:
                 want = (outs[i] * g).sum(-1)  # [b, p]
                 assert torch.allclose(res.values[:, :, i, j], want, atol=1e-4), (u, v)
+                assert torch.allclose(summed.values[:, i, j], want.sum(1), atol=1e-4), (u, v)
+                total = total + want
             else:
-                assert (res.values[:, :, i, j] == 0).all()
-    # Completeness: Σ_u score(u -> v) + bias terms = in_v · ∂metric/∂in_v, at every position.
-    total = res.values.sum(2) + res.bias
-    assert torch.allclose(total, res.in_dot_grad, atol=1e-8)
-    summed = component_edges(model, batch, "logit_diff", positions="summed")
-    assert torch.allclose(summed.values, res.values.sum(1), atol=1e-10)
+                assert (res.values[:, :, i, j] == 0).all() and (summed.values[:, i, j] == 0).all()
+        # Completeness, against the reference's own input: Σ_u score(u -> v) + bias = x_v · g_v.
+        x_dot_g = (x * g).sum(-1)
+        assert torch.allclose(total, x_dot_g, atol=1e-8)
+        assert torch.allclose(res.in_dot_grad[..., j], x_dot_g, atol=1e-8), v
+        assert torch.allclose(res.bias[..., j], (upstream_bias(model, v) * g).sum(-1), atol=1e-8), v
+    assert res.values.abs().amax((0, 1, 2)).min() > 0  # every downstream node has a non-zero edge
 
 
 @pytest.mark.parametrize("steps", [0, 3])
@@ -123,9 +94,12 @@ def test_corrupt_baseline_and_ig_equal_brute_force(model64, steps):
             if res.allowed[i, j]:
                 want = (diffs[i] * g).sum((-1, -2))
                 assert torch.allclose(res.values[:, i, j], want, atol=1e-4), (res.up[i], v)
-    # What the linearisation claims for the target vs the true clean - corrupt difference.
-    into_target = res.values[:, :, -1].sum(1)
-    assert into_target.shape == res.metric.shape == res.corrupt_metric.shape
+    # The clean and corrupted metrics, from plain forward passes of each prompt alone.
+    for b, n in enumerate(batch.mask.sum(1).tolist()):
+        for ids, got in ((batch.tokens[b, :n], res.metric[b]), (corrupt[b, :n], res.corrupt_metric[b])):
+            with torch.no_grad():
+                logits = model(ids[None])[0, -1]
+            assert float(got) == pytest.approx(float(logits[5 + 2 * b] - logits[6 + 2 * b]), abs=1e-9)
 
 
 def test_ig_without_corrupt_is_refused(model64):
@@ -174,33 +148,69 @@ def test_stored_edges_round_trip_and_selection_count(tmp_path, gpt2_dir):
         assert np.isclose(min(abs(got["value"])), cand[8].item(), rtol=1e-6)
 
 
-def test_bfloat16_populate_with_edges_tracks_float32(tmp_path, gpt2_dir):
-    """Reduced precision runs end to end (norm pull-backs are float32 inside) and stays close."""
+def ig_grad(model, batch, corrupt, steps, v):
+    """The mean brute-force gradient at v over the EAP-IG path's embeddings."""
+    names = [n for n in ("hook_embed", "hook_pos_embed") if n in model.hook_points]
+    e_clean = model.run_with_cache(batch.tokens, names, attention_mask=batch.mask).acts
+    e_bad = model.run_with_cache(corrupt, names, attention_mask=batch.mask).acts
+    grads = []
+    for a in [k / steps for k in range(steps)] if steps else [None]:
+        hooks = [] if a is None else [
+            (n, lambda t, n, a=a: e_bad[n] + a * (e_clean[n] - e_bad[n])) for n in names]
+        grads.append(reference_grad(model, batch, "logit_diff", v, hooks))
+    return sum(grads) / len(grads)
+
+
+def test_bfloat16_populate_with_edges_tracks_brute_force(tmp_path, gpt2_dir):
+    """Reduced precision runs end to end (norm pull-backs are float32 inside) and its stored
+    metrics and edges stay close to `transformers`' metric and float64 brute-force edges."""
+    import transformers as T
+
+    from actwh.compute.edges import Node, upstream_nodes
     from actwh.runner import EdgeOptions, PopulateOptions, populate
     from actwh.warehouse import Warehouse
 
-    from conftest import write_prompts
+    from conftest import IOI_ROWS, write_prompts
 
-    prompts = write_prompts(tmp_path / "p.jsonl")
-    runs = {}
-    for dtype in ("float32", "bfloat16"):
-        opts = PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), scalars=("mlp_act_times_grad",),
-                               target="logit_diff", dtype=dtype, edges=EdgeOptions(select="dense", into=2))
-        runs[dtype] = populate(tmp_path / "wh.duckdb", opts, progress=False).run_id
+    prompts = write_prompts(tmp_path / "p.jsonl", IOI_ROWS[2:])  # 4 prompts of 5 to 14 tokens
+    opts = PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), scalars=("mlp_act_times_grad",),
+                           target="logit_diff", dtype="bfloat16", edges=EdgeOptions(select="top-k:40"))
+    run = populate(tmp_path / "wh.duckdb", opts, progress=False).run_id
     wh = Warehouse(tmp_path / "wh.duckdb")
-    m = wh.sql("SELECT a.metric AS f32, b.metric AS bf16 FROM prompts a JOIN prompts b USING (prompt_id) "
-               "WHERE a.run_id = $a AND b.run_id = $b", a=runs["float32"], b=runs["bfloat16"])
-    assert m.height == 6
-    assert (m["f32"] - m["bf16"]).abs().max() <= 0.1 * max(1.0, m["f32"].abs().max())
-    e = wh.sql("SELECT a.value AS f32, b.value AS bf16 FROM edges a JOIN edges b USING (prompt_id, up_layer, "
-               "up_type, up_index, down_layer, down_type, down_index, down_input) WHERE a.run_id = $a AND "
-               "b.run_id = $b AND a.up_pos IS NULL AND b.up_pos IS NULL", a=runs["float32"], b=runs["bfloat16"])
-    assert e.height > 0
-    scale = e["f32"].abs().max()
-    assert (e["f32"] - e["bf16"]).abs().max() <= 0.1 * scale
+    hf = T.AutoModelForCausalLM.from_pretrained(gpt2_dir, attn_implementation="eager").eval()
+    loaded = load_model(gpt2_dir, device="cpu", dtype=torch.float64)
+    tok = loaded.tokenizer
+    edges = wh.sql("SELECT prompt_id, up_layer, up_type::VARCHAR AS up_type, up_index, down_layer, "
+                   "down_type::VARCHAR AS down_type, down_index, down_input::VARCHAR AS down_input, "
+                   "value FROM edges WHERE run_id = $r", r=run)
+    up_index = {(n.layer, n.node_type, n.index): i for i, n in enumerate(upstream_nodes(loaded.model))}
+    for pid, row in enumerate(IOI_ROWS[2:]):
+        ids = tok(row["text"]).input_ids
+        t, d = tok.convert_tokens_to_ids(row["target"]), tok.convert_tokens_to_ids(row["distractor"])
+        stored = wh.sql("SELECT metric FROM prompts WHERE run_id = $r AND prompt_id = $p", r=run, p=pid)
+        logits = hf_logits(hf, ids)[-1]
+        want = float(logits[t] - logits[d])
+        assert stored["metric"][0] == pytest.approx(want, abs=0.05 * max(1.0, abs(want)))
+        batch = Batch(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                      torch.tensor([t]), torch.tensor([d]))
+        outs = outputs(loaded.model, batch)
+        e = edges.filter(edges["prompt_id"] == pid)
+        assert e.height == 40
+        grads, got, ref = {}, [], []
+        for r in e.iter_rows(named=True):
+            v = Node(r["down_layer"], r["down_type"], 0 if r["down_type"] == "logit" else r["down_index"],
+                     r["down_input"])
+            if v not in grads:
+                grads[v] = reference_grad(loaded.model, batch, "logit_diff", v)
+            u = up_index[(r["up_layer"], r["up_type"], r["up_index"])]
+            got.append(r["value"])
+            ref.append(float((outs[u] * grads[v]).sum()))
+        got, ref = torch.tensor(got), torch.tensor(ref)
+        assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
 def test_run_reports_edges_into_target_beside_corrupt_metric(tmp_path, gpt2_dir):
+    from actwh.compute.edges import Node
     from actwh.compute.prompts import read_prompts
     from actwh.runner import EdgeOptions, PopulateOptions, encode_all, populate
     from actwh.warehouse import Warehouse
@@ -215,14 +225,21 @@ def test_run_reports_edges_into_target_beside_corrupt_metric(tmp_path, gpt2_dir)
     run = populate(db, opts, progress=False).run_id
     stored = Warehouse(db).sql("SELECT prompt_id, metric, corrupt_metric, edges_to_target FROM prompts "
                                "WHERE run_id = $r ORDER BY prompt_id", r=run)
-    loaded = load_model(gpt2_dir, device="cpu")
+    loaded = load_model(gpt2_dir, device="cpu", dtype=torch.float64)
+    model = loaded.model
+    logit = Node(model.cfg.n_layers, "logit", 0)
     for e, row in zip(encode_all(loaded, read_prompts(prompts), TARGETS["logit_diff"], False, True),
                       stored.iter_rows(named=True)):
         ids, bad = torch.tensor([e.ids]), torch.tensor([e.corrupt])
         batch = Batch(ids, torch.ones_like(ids), torch.tensor([e.target]), torch.tensor([e.distractor]))
         with torch.no_grad():
-            want_bad = TARGETS["logit_diff"].metric(loaded.model(bad), batch)[0]
-        res = component_edges(loaded.model, batch, "logit_diff", corrupt=bad, ig_steps=2)
+            want_bad = TARGETS["logit_diff"].metric(model(bad), batch)[0]
+            want = TARGETS["logit_diff"].metric(model(ids), batch)[0]
+        bad_batch = Batch(bad, batch.mask, batch.target_ids, batch.distractor_ids)
+        diffs = [c - k for c, k in zip(outputs(model, batch), outputs(model, bad_batch))]
+        g = ig_grad(model, batch, bad, 2, logit)
+        into = sum(float((d * g).sum()) for d in diffs)  # every upstream node feeds the target
         assert row["corrupt_metric"] == pytest.approx(float(want_bad), abs=1e-4)
-        assert row["edges_to_target"] == pytest.approx(float(res.values[0, :, -1].sum()), abs=1e-4)
-        assert row["metric"] == pytest.approx(float(res.metric[0]), abs=1e-4)
+        assert row["metric"] == pytest.approx(float(want), abs=1e-4)
+        assert row["edges_to_target"] == pytest.approx(into, abs=1e-4)
+        assert abs(into) > 1e-3

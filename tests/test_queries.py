@@ -45,6 +45,31 @@ def random_edges(run: int, prompt: int, rng: random.Random, n_layers=3, n_heads=
     return pa.table({n: pa.array(c, types.get(n, pa.string())) for n, c in zip(names, cols)})
 
 
+def positioned_edges(run: int, prompt: int, rng: random.Random, n_pos=4, width=3, p=0.2):
+    """A random node-level graph: per-position nodes, several per (layer, type), edges from
+    earlier layers at the same or an earlier position; the target only at the last position."""
+    nodes = [(-1, "embed", 0, q) for q in range(n_pos)]
+    nodes += [(L, t, i, q) for L in range(3) for t in ("attn_head", "mlp_neuron")
+              for i in range(width) for q in range(n_pos)]
+    downs = nodes[n_pos:] + [(3, "logit", 7, n_pos - 1)]
+    rows = []
+    for d in downs:
+        for u in nodes:
+            if u[0] < d[0] and u[3] <= d[3] and rng.random() < p:
+                rows.append((run, prompt, *u, *d, "q" if d[1] == "attn_head" else None,
+                             rng.uniform(-1, 1)))
+    names = ["run_id", "prompt_id", "up_layer", "up_type", "up_index", "up_pos", "down_layer",
+             "down_type", "down_index", "down_pos", "down_input", "value"]
+    types = {"run_id": pa.int32(), "prompt_id": pa.int32(), "up_layer": pa.int16(),
+             "up_index": pa.int32(), "up_pos": pa.int32(), "down_layer": pa.int16(),
+             "down_index": pa.int32(), "down_pos": pa.int32(), "value": pa.float32()}
+    return pa.table({n: pa.array(c, types.get(n, pa.string())) for n, c in zip(names, zip(*rows))})
+
+
+IOI_ROWS_SHORT = [{"text": "the cat and the dog went to the store", "target": "cat", "distractor": "dog"},
+                  {"text": "red blue red blue red", "target": "blue", "distractor": "red"}]
+
+
 @pytest.fixture(scope="module")
 def wh_path(tmp_path_factory, gpt2_dir):
     tmp = tmp_path_factory.mktemp("q")
@@ -58,12 +83,19 @@ def wh_path(tmp_path_factory, gpt2_dir):
                                  **common), progress=False)
     populate(db, PopulateOptions(prompts=str(ind), scalars=("attn_pattern", "attn_act_times_grad"),
                                  select="dense", **common), progress=False)
+    # runs 4 and 5: every neuron at every position, two targets (compare_runs on repeated nodes)
+    two = write_prompts(tmp / "two.jsonl", IOI_ROWS_SHORT)
+    for target in ("logit_diff", "logprob"):
+        populate(db, PopulateOptions(prompts=str(two), target=target, scalars=("mlp_act_times_grad",),
+                                     select="dense", **common), progress=False)
     writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))
     rng = random.Random(0)
+    empty = pa.table({"run_id": pa.array([], pa.int32()), "prompt_id": pa.array([], pa.int32()),
+                      "text": pa.array([], pa.string()), "n_tokens": pa.array([], pa.int32())})
     for prompt in range(3):
-        empty = pa.table({"run_id": pa.array([], pa.int32()), "prompt_id": pa.array([], pa.int32()),
-                          "text": pa.array([], pa.string()), "n_tokens": pa.array([], pa.int32())})
         writer.append_batch(1, {"prompts": empty, "edges": random_edges(1, prompt, rng)})
+    for prompt in (3, 4):  # node-level graphs: positions kept, many nodes that reach nothing
+        writer.append_batch(1, {"prompts": empty, "edges": positioned_edges(1, prompt, rng)})
     return db
 
 
@@ -348,3 +380,69 @@ def test_run_top_attributions(wh_path, tables):
     assert got.height == want.height
     assert np.allclose(sorted(got["mean_abs"]), sorted(want["mean_abs"]), rtol=1e-6)
     assert got["mean_abs"].to_list() == sorted(got["mean_abs"].to_list(), reverse=True)
+
+
+def bfs_reachable_nodes(edges: pl.DataFrame, threshold: float, key=lambda layer, t, i, pos: (layer, t, i, pos)):
+    """Edges on a path back from the target, nodes identified by `key` (default: the full key)."""
+    kept = edges.filter(pl.col("value").abs() >= threshold)
+    into: dict = {}
+    for r in kept.iter_rows(named=True):
+        into.setdefault(key(r["down_layer"], r["down_type"], r["down_index"], r["down_pos"]), []).append(r)
+    start = {key(r["down_layer"], r["down_type"], r["down_index"], r["down_pos"])
+             for r in kept.iter_rows(named=True) if r["down_type"] == "logit"}
+    seen, queue, out = set(start), deque(start), set()
+    while queue:
+        node = queue.popleft()
+        for r in into.get(node, []):
+            out.add((r["up_layer"], r["up_type"], r["up_index"], r["up_pos"], r["down_layer"],
+                     r["down_type"], r["down_index"], r["down_pos"]))
+            u = key(r["up_layer"], r["up_type"], r["up_index"], r["up_pos"])
+            if u not in seen:
+                seen.add(u)
+                queue.append(u)
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.4])
+def test_reachability_keeps_positions_and_node_indices_apart(wh_path, tables, threshold):
+    wh, q = Warehouse(wh_path), Queries()
+    for prompt in (3, 4):
+        e = tables["edges"].filter((pl.col("run_id") == 1) & (pl.col("prompt_id") == prompt))
+        want = bfs_reachable_nodes(e, threshold)
+        # the fixture can tell: forgetting the position or the index reaches more edges
+        assert want != bfs_reachable_nodes(e, threshold, lambda L, t, i, p: (L, t, i))
+        assert want != bfs_reachable_nodes(e, threshold, lambda L, t, i, p: (L, t, p))
+        assert 0 < len(want) < e.filter(pl.col("value").abs() >= threshold).height
+        got = q["reachable_edges"](wh, run=1, prompt=prompt, threshold=threshold)
+        got_set = {(r["up_layer"], str(r["up_type"]), r["up_index"], r["up_pos"], r["down_layer"],
+                    str(r["down_type"]), r["down_index"], r["down_pos"]) for r in got.iter_rows(named=True)}
+        assert got.height == len(got_set) and got_set == want
+
+
+def test_pairs_view_names_the_query_and_the_key_token(wh_path, tables):
+    tok = {(r["run_id"], r["prompt_id"], r["position"]): r["token"]
+           for r in tables["tokens"].iter_rows(named=True)}
+    got = Warehouse(wh_path).sql("SELECT run_id, prompt_id, query_pos, query_token, key_pos, key_token "
+                                 "FROM pairs WHERE run_id = 3")
+    assert got.height == tables["pair_scalars"].filter(pl.col("run_id") == 3).height
+    differ = 0
+    for r in got.iter_rows(named=True):
+        assert r["query_token"] == tok[(3, r["prompt_id"], r["query_pos"])]
+        assert r["key_token"] == tok[(3, r["prompt_id"], r["key_pos"])]
+        differ += r["query_token"] != r["key_token"]
+    assert differ > 0  # a join on the wrong position would show
+
+
+def test_compare_runs_matches_nodes_at_the_same_position(wh_path, tables):
+    got = Queries()["compare_runs"](Warehouse(wh_path), run_a=4, run_b=5, k=100_000)
+    n = tables["node_scalars"].filter(pl.col("scalar") == "mlp_act_times_grad")
+    key = ["prompt_id", "position", "layer", "node_type", "node_index"]
+    a, b = n.filter(pl.col("run_id") == 4), n.filter(pl.col("run_id") == 5)
+    assert a.height > a.unique(["prompt_id", "layer", "node_index"]).height  # nodes repeat by position
+    want = {tuple(r[k] for k in key): (r["value"], r["value_b"])
+            for r in a.join(b, on=key, suffix="_b").iter_rows(named=True)}
+    assert got.height == len(want) == a.height
+    for r in got.iter_rows(named=True):
+        va, vb = want[tuple(str(r[k]) if k == "node_type" else r[k] for k in key)]
+        assert (r["value_a"], r["value_b"]) == (va, vb)
+        assert r["difference"] == pytest.approx(vb - va, abs=1e-6)

@@ -201,3 +201,18 @@ def test_every_scalar_is_fully_declared():
         assert s.description and s.kind in ("token", "pair") and s.node_type in NODE_TYPES
         assert s.needs
     assert all(r in SCALARS and SCALARS[r].node_type == t for t, r in RANKING.items())
+
+
+def test_write_norms_equal_the_norm_of_each_write_vector(model64):
+    """mlp_write_norm = ||act · W_out[n]||, the norm of the explicit write vector; the fixture
+    has negative activations, so a dropped abs() shows."""
+    model = model64.model
+    b = make_batch(model64, "left")
+    res = compute_scalars(model, b, "logit_diff", ["mlp_write_norm"])
+    names = [f"blocks.{L}.mlp.hook_post" for L in range(model.cfg.n_layers)]
+    cache = model.run_with_cache(b.tokens, names, attention_mask=b.mask)
+    for L, name in enumerate(names):
+        post = cache.acts[name]  # [b, p, n]
+        assert (post < -1e-3).any()  # the check below can fail
+        write = post[..., None] * model.blocks[L].mlp.W_out  # [b, p, n, d]
+        assert torch.allclose(res.token["mlp_write_norm"][:, :, L], write.norm(dim=-1), atol=1e-10)

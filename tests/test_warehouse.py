@@ -212,3 +212,17 @@ def test_export_writes_one_parquet_per_table(populated, tmp_path):
     with Warehouse(db) as wh:
         n = wh.sql("SELECT count(*) AS n FROM node_scalars WHERE run_id = $r", r=result.run_id)["n"][0]
     assert pl.read_parquet(tmp_path / "out" / "node_scalars.parquet").height == n
+
+
+def test_writer_transaction_rolls_back_on_any_error(tmp_path):
+    """A Python error inside `transaction()` (not only a DuckDB one) leaves nothing behind."""
+    writer = WarehouseWriter(tmp_path / "w.duckdb", NODE_TYPES, tuple(SCALARS))
+    with pytest.raises(RuntimeError, match="boom"):
+        with writer.transaction() as con:
+            con.execute("INSERT INTO actwh_meta VALUES ('half', 'written')")
+            raise RuntimeError("boom")
+    with writer.transaction() as con:  # and the writer still works afterwards
+        con.execute("INSERT INTO actwh_meta VALUES ('whole', 'written')")
+    with Warehouse(tmp_path / "w.duckdb") as wh:
+        keys = set(wh.sql("SELECT key FROM actwh_meta")["key"])
+    assert "half" not in keys and "whole" in keys

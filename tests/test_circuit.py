@@ -1,0 +1,136 @@
+"""Influence pruning through `find_circuit`, against an independent implementation of the rules
+documented in queries/circuit.py (circuit-tracer's): node influence by an explicit power series,
+cuts at cumulative fractions, separate node and edge thresholds, exempt tokens and targets,
+and error nodes that need only an outgoing edge."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from actwh.compute.scalars import NODE_TYPES, SCALARS
+from actwh.queries.circuit import find_circuit
+from actwh.warehouse import Warehouse, WarehouseWriter
+
+
+def graph(rng: random.Random, n_pos=3, width=3, p=0.3):
+    """A node-level graph with positions: embeddings, heads, neurons, SAE latents and error nodes
+    (which, as in real node-level edges, have no incoming edges), and the target; some nodes
+    reach nothing."""
+    nodes = [(-1, "embed", 0, q) for q in range(n_pos)]
+    for L in range(3):
+        nodes += [(L, t, i, q) for t in ("attn_head", "sae_latent") for i in range(width)
+                  for q in range(n_pos)]
+        nodes += [(L, "sae_error", 0, q) for q in range(n_pos)]
+    target = (3, "logit", 5, n_pos - 1)
+    edges = []
+    for d in [n for n in nodes if n[1] not in ("embed", "sae_error")] + [target]:
+        for u in nodes:
+            if u[0] < d[0] and u[3] <= d[3] and rng.random() < (3 * p if u[1] == "sae_error" else p):
+                edges.append((u, d, rng.uniform(-1, 1) * (3 if u[1] == "sae_error" else 1)))
+    return edges
+
+
+def reference_prune(edges, node_t, edge_t):
+    """(kept nodes, kept (up, down) edges), written from the documented rules."""
+    nodes = sorted({e[0] for e in edges} | {e[1] for e in edges}, key=str)
+    ix = {n: i for i, n in enumerate(nodes)}
+    n = len(nodes)
+    a = np.zeros((n, n))
+    for u, d, v in edges:
+        a[ix[d], ix[u]] += v
+
+    def normalise(m):
+        s = m.sum(1, keepdims=True)
+        return np.where(s > 0, m / np.where(s > 0, s, 1), 0)
+
+    def series(m, w):  # w·(M + M² + … ), exact for a DAG after n terms
+        out, term = np.zeros(n), w.copy()
+        for _ in range(n):
+            term = term @ m
+            out += term
+        return out
+
+    def cut(scores, t):
+        s = np.sort(scores)[::-1]
+        if s.sum() <= 0:
+            return np.inf
+        hit = np.flatnonzero(np.cumsum(s) / s.sum() >= t)  # first index reaching t of the total
+        return s[hit[0] if len(hit) else -1]
+
+    w = np.array([1.0 if x[1] == "logit" else 0.0 for x in nodes])
+    exempt = np.array([x[1] in ("embed", "logit") for x in nodes])
+    error = np.array([x[1] == "sae_error" for x in nodes])
+    a_hat = normalise(np.abs(a))
+    infl = series(a_hat, w)
+    keep = (infl >= cut(infl, node_t)) | exempt
+    p_hat = normalise(a_hat * keep[:, None] * keep[None, :])
+    score = p_hat * (series(p_hat, w) + w)[:, None]
+    keep_e = (score >= cut(score[score > 0], edge_t)) & (score > 0)
+    while True:
+        out_, in_ = keep_e.any(0), keep_e.any(1)
+        drop = keep & ~exempt & (~out_ | (~in_ & ~error))
+        if not drop.any():
+            break
+        keep &= ~drop
+        keep_e &= keep[:, None] & keep[None, :]
+    kept_nodes = {x for x, k in zip(nodes, keep) if k}
+    kept_edges = {(u, d) for u, d, _ in edges if keep_e[ix[d], ix[u]]}
+    return kept_nodes, kept_edges
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    db = tmp_path_factory.mktemp("circuit") / "wh.duckdb"
+    writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))
+    rng = random.Random(11)
+    graphs = {}
+    empty = pa.table({"run_id": pa.array([], pa.int32()), "prompt_id": pa.array([], pa.int32()),
+                      "text": pa.array([], pa.string()), "n_tokens": pa.array([], pa.int32())})
+    for prompt in range(4):
+        edges = graph(rng)
+        graphs[prompt] = edges
+        cols = list(zip(*[(1, prompt, *u, *d, None, v) for u, d, v in edges]))
+        names = ["run_id", "prompt_id", "up_layer", "up_type", "up_index", "up_pos", "down_layer",
+                 "down_type", "down_index", "down_pos", "down_input", "value"]
+        types = {"run_id": pa.int32(), "prompt_id": pa.int32(), "up_layer": pa.int16(),
+                 "up_index": pa.int32(), "up_pos": pa.int32(), "down_layer": pa.int16(),
+                 "down_index": pa.int32(), "down_pos": pa.int32(), "value": pa.float32()}
+        writer.append_batch(1, {"prompts": empty, "edges": pa.table(
+            {k: pa.array(c, types.get(k, pa.string())) for k, c in zip(names, cols)})})
+    # the stored values are float32: the reference sees what find_circuit sees
+    graphs = {k: [(u, d, float(np.float32(v))) for u, d, v in g] for k, g in graphs.items()}
+    return db, graphs
+
+
+@pytest.mark.parametrize("node_t,edge_t", [(0.8, 0.98), (0.5, 0.9), (0.95, 0.6), (0.6, 0.95)])
+def test_influence_pruning_equals_the_documented_rules(stored, node_t, edge_t):
+    db, graphs = stored
+    wh = Warehouse(db)
+    for prompt, edges in graphs.items():
+        want_nodes, want_edges = reference_prune(edges, node_t, edge_t)
+        c = find_circuit(wh, 1, prompt, "influence", node_threshold=node_t, edge_threshold=edge_t)
+        key = ("layer", "node_type", "node_index", "pos")
+        got_nodes = {tuple(r[k] for k in key) for r in c.nodes.iter_rows(named=True)}
+        got_edges = {((r["up_layer"], r["up_type"], r["up_index"], r["up_pos"]),
+                      (r["down_layer"], r["down_type"], r["down_index"], r["down_pos"]))
+                     for r in c.edges.iter_rows(named=True)}
+        assert got_nodes == want_nodes, prompt
+        assert got_edges == want_edges, prompt
+
+
+def test_the_fixture_can_tell_the_rules_apart(stored):
+    """Swapped thresholds, or error nodes held to the incoming-edge rule, change the answer."""
+    _, graphs = stored
+    swapped = sum(reference_prune(e, 0.95, 0.6) != reference_prune(e, 0.6, 0.95) for e in graphs.values())
+    assert swapped >= 2
+    kept_errors = 0
+    for edges in graphs.values():
+        nodes, _ = reference_prune(edges, 0.8, 0.98)
+        kept_errors += sum(n[1] == "sae_error" for n in nodes)
+        assert any(n[1] in ("attn_head", "sae_latent") for n in nodes)
+        assert len(nodes) < len({e[0] for e in edges} | {e[1] for e in edges})  # some are pruned
+    assert kept_errors > 0  # error nodes (no incoming edges) survive only by their own rule
