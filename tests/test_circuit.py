@@ -13,7 +13,10 @@ import pytest
 
 from actwh.compute.scalars import NODE_TYPES, SCALARS
 from actwh.queries.circuit import find_circuit
+from actwh.runner import PopulateOptions, populate
 from actwh.warehouse import Warehouse, WarehouseWriter
+
+from conftest import write_prompts
 
 
 def graph(rng: random.Random, n_pos=3, width=3, p=0.3):
@@ -83,8 +86,12 @@ def reference_prune(edges, node_t, edge_t):
 
 
 @pytest.fixture(scope="module")
-def stored(tmp_path_factory):
-    db = tmp_path_factory.mktemp("circuit") / "wh.duckdb"
+def stored(tmp_path_factory, gpt2_dir):
+    tmp = tmp_path_factory.mktemp("circuit")
+    db = tmp / "wh.duckdb"
+    # run 1 (the graphs below replace its edges' role; its own rows are not read)
+    populate(db, PopulateOptions(prompts=str(write_prompts(tmp / "p.jsonl")), model=str(gpt2_dir),
+                                 scalars=("mlp_post_act",)), progress=False)
     writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))
     rng = random.Random(11)
     graphs = {}
