@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from actwh import __version__
-from actwh.cli.output import format_option, render
+from actwh.cli.output import RENDERERS, format_option, render
 from actwh.errors import ActwhError
 
 
@@ -330,24 +330,50 @@ def query(name, db, params, fmt) -> None:
               help="Cumulative influence fraction of edges kept (influence).")
 @click.option("--dot", type=click.Path(dir_okay=False), help="Also write Graphviz DOT here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
-@format_option
+@click.option("--format", "fmt", default="table", show_default=True,
+              type=click.Choice([*RENDERERS, "html", "svg", "circuit-tracer"]),
+              help="How to print the edges, or a standalone picture (html, svg) or circuit-tracer "
+                   "graph JSON (written to --output, else printed).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="File for --format html|svg|circuit-tracer.")
 def circuit(run, prompt, db, method, value, n, node_threshold, edge_threshold, dot, json_path,
-            fmt) -> None:
+            fmt, output) -> None:
     """Filter the edges of one prompt of RUN into a circuit and print its edges."""
     import json
 
     from actwh.queries.circuit import find_circuit
     from actwh.warehouse.store import Warehouse
 
-    found = find_circuit(Warehouse(db), run, prompt, method, value, n, node_threshold,
-                         edge_threshold)
+    if fmt in ("html", "svg", "circuit-tracer"):
+        from actwh.views.export import write_circuit
+
+        found = write_circuit(db, run, prompt, fmt, output, method=method, value=value, n=n,
+                              node_threshold=node_threshold, edge_threshold=edge_threshold).circuit
+    else:
+        found = find_circuit(Warehouse(db), run, prompt, method, value, n, node_threshold,
+                             edge_threshold)
     if dot:
         with open(dot, "w") as f:
             f.write(found.to_dot())
     if json_path:
         with open(json_path, "w") as f:
             json.dump(found.to_json(), f, indent=1, default=str)
-    render(found.edges.select("up_label", "down_label", "down_input", "value"), fmt)
+    if fmt in RENDERERS:
+        render(found.edges.select("up_label", "down_label", "down_input", "value"), fmt)
+
+
+@cli.command()
+@db_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (the default answers this machine only).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0: any free port).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the start page in a browser.")
+def view(db, host, port, open_browser) -> None:
+    """Serve the warehouse's runs, prompts, attention and circuits as a local web app (read-only)."""
+    from actwh.views.server import serve
+
+    serve(db, host, port, open_browser)
 
 
 @cli.command()

@@ -66,10 +66,10 @@ def _nodes_of(edges: pl.DataFrame) -> pl.DataFrame:
 
 
 def load_edges(wh, run: int, prompt: int) -> pl.DataFrame:
-    df = wh.sql("SELECT up_layer, up_type::VARCHAR AS up_type, up_index, up_pos, down_layer, "
-                "down_type::VARCHAR AS down_type, down_index, down_pos, "
-                "down_input::VARCHAR AS down_input, value FROM edges WHERE run_id = $run AND "
-                "prompt_id = $prompt", run=run, prompt=prompt)
+    """Every edge of one prompt, by the saved query `prompt_edges`."""
+    from actwh.queries.loader import Queries
+
+    df = Queries()["prompt_edges"](wh, run=run, prompt=prompt)
     if df.height == 0:
         raise ActwhError(f"run {run} has no edges for prompt {prompt} (populate with --edges)")
     return df

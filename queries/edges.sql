@@ -57,3 +57,12 @@ FROM kept k
 JOIN reached r ON k.down_layer = r.layer AND k.down_type = r.node_type
     AND k.down_index = r.node_index AND k.down_pos IS NOT DISTINCT FROM r.pos
 ORDER BY abs(k.value) DESC, k.up_layer, k.up_index, k.down_layer, k.down_index;
+
+-- name: prompt_edges
+-- Every stored edge of one prompt with its node keys: what circuit filtering (threshold, top-n, influence) starts from.
+-- params: run, prompt
+SELECT up_layer, up_type::VARCHAR AS up_type, up_index, up_pos, down_layer,
+       down_type::VARCHAR AS down_type, down_index, down_pos, down_input::VARCHAR AS down_input,
+       value
+FROM edges
+WHERE run_id = $run AND prompt_id = $prompt;
