@@ -386,6 +386,9 @@ def page(browser):
     errors: list[str] = []
     pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    # offline: nothing is asked of any host but the server itself (no CDN, no font, no favicon)
+    pg.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1:", "data:"))
+          else errors.append(f"outside request: {r.url}"))
     pg.errors = errors
     yield pg
     pg.close()
