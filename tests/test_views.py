@@ -52,10 +52,10 @@ def view_db(tmp_path_factory):
     db = folder / "views.duckdb"
     scalars = ("attn_pattern", "attn_act_times_grad", "attn_head_act_times_grad",
                "mlp_act_times_grad", "token_attribution")
-    populate(db, PopulateOptions(str(prompts), scalars=scalars, select="dense", batch_size=3,
+    populate(db, PopulateOptions(prompts=str(prompts), scalars=scalars, select="dense", batch_size=3,
                                  device="cpu", edges=EdgeOptions(select="top-k:400", positions="each")),
              progress=False)
-    populate(db, PopulateOptions(str(prompts), select="top-k:5:mlp_act_times_grad", batch_size=3,
+    populate(db, PopulateOptions(prompts=str(prompts), select="top-k:5:mlp_act_times_grad", batch_size=3,
                                  device="cpu", edges=EdgeOptions(select="dense")), progress=False)
     return db
 
@@ -283,8 +283,8 @@ BAD = [
     ("circuit?run=1&prompt=0&colour=red", 400, "unknown parameter 'colour'"),
     ("circuit?prompt=0", 400, "missing parameter 'run'"),
     ("circuit?run=99999999999999999999&prompt=0", 400, "must be between"),
-    ("circuit?run=7&prompt=0", 404, "no run 7"),
-    ("circuit?run=1&prompt=99", 404, "no prompt 99"),
+    ("circuit?run=7&prompt=0", 404, "run=7 matches no run"),
+    ("circuit?run=1&prompt=99", 404, "prompt=99 is not in run 1"),
     ("attention?run=1&prompt=0&scalar=x%27%3B%20DROP%20TABLE%20edges", 400, "is not stored"),
     ("attention?run=1&prompt=0&lh=2-1", 400, "LAYER:INDEX"),
     ("prompt?run=1&prompt=0&scalar=bogus", 400, "is not stored"),

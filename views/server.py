@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,8 @@ from actwh.views import data as D
 from actwh.views import draw
 
 log = logging.getLogger("actwh.views")
+# The warehouse's own messages for a run, prompt, scalar or node type it does not hold.
+NOT_FOUND = re.compile(r"matches no run|is not in run|is not a (scalar|node_type)|^no run ")
 MISSING = object()
 INT_RANGE = (-(2**31), 2**31 - 1)
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -386,6 +389,8 @@ class Handler(BaseHTTPRequestHandler):
         except WarehouseError as e:
             if "locked" in str(e):
                 return self._error(503, "the warehouse is busy (a populate is writing); retry", api)
+            if NOT_FOUND.search(str(e)):  # a value the file does not hold, named by the warehouse
+                return self._error(404, str(e).splitlines()[0], api)
             log.error("warehouse error on %s: %s", self.path, e)
             return self._error(500, "the warehouse could not answer (see the server's log)", api)
         except ActwhError as e:  # e.g. "run 1 has no edges for prompt 0 (populate with --edges)"
