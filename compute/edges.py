@@ -11,7 +11,11 @@ back through W_Q/W_K/W_V and through each position's norm Jacobian (closed form)
 gradient at each downstream node's private copy of the residual stream, exactly as if every
 node had its own copy. Conventions follow the public EAP-IG code: the attention output bias
 belongs to no head (a bias term), an MLP's output includes its bias, value biases stay inside
-each head. With grouped-query attention, k and v inputs are per key/value head.
+each head. With grouped-query attention, k and v inputs are per key/value head. Under post-norms
+(Gemma 2/3, OLMo 2) a head's write is z_h W_O_h through the post-norm's frozen gain
+(model.write_gain), the MLP's is hook_mlp_out (after its post-norm), and an attention bias term is
+its gained bias, per position: the writes still sum to the residual stream exactly, and downstream
+gradients (pre-norms pulled back in closed form; OLMo 2's are identities) are unchanged.
 
 Spliced autoencoders leave this graph as it is (the splice is exact, so every write and every
 gradient is the model's own); latents enter edges at node level (node_edges.py).
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from actwh.compute.keep import KeepRule
-from actwh.compute.model import HookedTransformer
+from actwh.compute.model import HookedTransformer, post_norm_sites, write_gain
 from actwh.compute.targets import Batch, Target, get_target
 from actwh.errors import ActwhError
 
@@ -74,6 +78,8 @@ def norm_vjp(model, normalized: torch.Tensor, scale: torch.Tensor, g: torch.Tens
     Jᵀg = s·(g − mean(g) − n·mean((g − mean(g))·n)); written as two reductions and two fused
     passes over g, since g is the largest tensor of the edge computation ([b, p, heads, d]).
     """
+    if not model.cfg.pre_norm:  # identity ln1/ln2 (OLMo 2): the gradient passes unchanged
+        return g
     b, p, d = normalized.shape
     # the widest of the three (norm statistics are kept in float32 under bf16/fp16)
     dt = torch.promote_types(torch.promote_types(g.dtype, normalized.dtype), scale.dtype)
@@ -99,17 +105,20 @@ def _sites(model: HookedTransformer):
         p = f"blocks.{L}."
         fwd += [p + "attn.hook_z", p + "hook_mlp_out", p + "hook_resid_pre", p + "hook_resid_mid",
                 p + "ln1.hook_normalized", p + "ln1.hook_scale", p + "ln2.hook_normalized",
-                p + "ln2.hook_scale"]
+                p + "ln2.hook_scale", *post_norm_sites(model, L)]
         bwd += [p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "ln2.hook_normalized"]
     return fwd, bwd, last
 
 
 def upstream_outputs(model: HookedTransformer, acts) -> torch.Tensor:
-    """Every upstream node's write to the residual stream. [batch, pos, U, d_model]"""
+    """Every upstream node's write to the residual stream. [batch, pos, U, d_model]
+    With post norms a head's write passes through the frozen gain (model.write_gain)."""
     outs = [acts["hook_embed"] + acts.get("hook_pos_embed", 0)]
     for L, block in enumerate(model.blocks):
         z = acts[f"blocks.{L}.attn.hook_z"]
-        outs += list(torch.einsum("bphe,hed->hbpd", z, block.attn.W_O))
+        heads = torch.einsum("bphe,hed->hbpd", z, block.attn.W_O)
+        gain = write_gain(model, acts, L, "attn")
+        outs += list(heads if gain is None else heads * gain)
         outs.append(acts[f"blocks.{L}.hook_mlp_out"])
     # node-major in memory: the position-summed edge matmuls read it as [b, U, p·d], no copy
     return torch.stack(outs, dim=1).transpose(1, 2)
@@ -209,9 +218,12 @@ def component_edges(model: HookedTransformer, batch: Batch, target: str | Target
     up, down = upstream_nodes(model), downstream_nodes(model)
     b, n_pos = batch.tokens.shape
     U, V = len(up), len(down)
-    # Attention output biases are bias terms: the running sum over layers feeds each group.
-    b_O = torch.cumsum(torch.stack([torch.zeros_like(model.blocks[0].attn.b_O)]
-                                   + [blk.attn.b_O for blk in model.blocks]), 0)
+    # Attention output biases are bias terms: the running sum over layers feeds each group
+    # (per position: a post-norm's gain scales each layer's bias write).
+    b_O = [torch.zeros_like(out[:, :, 0])]
+    for L, blk in enumerate(model.blocks):
+        gain = write_gain(model, clean.acts, L, "attn")
+        b_O.append(b_O[-1] + (blk.attn.b_O if gain is None else blk.attn.b_O * gain))
     shape = (b, n_pos, U, V) if positions == "each" else (b, U, V)
     values = out.new_zeros(shape)
     allowed = torch.zeros(U, V, dtype=torch.bool, device=out.device)
@@ -237,7 +249,7 @@ def component_edges(model: HookedTransformer, batch: Batch, target: str | Target
                 g_rows = g.permute(0, 2, 1, 3).reshape(b, n, n_pos * d)
                 values[:, :n_up, cols] = ups[:, :n_up] @ g_rows.transpose(1, 2)
             allowed[:n_up, cols] = True
-            bias[:, :, cols] = g @ b_O[n_attn]
+            bias[:, :, cols] = (g @ b_O[n_attn][:, :, :, None]).squeeze(-1)
             in_dot_grad[:, :, cols] = (g @ x.transpose(-1, -2)).squeeze(-1)
             col += n
     return EdgeResults(values, up, down, allowed, bias, in_dot_grad,

@@ -164,9 +164,9 @@ class Norm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "none":
+        if self.kind == "none":  # a new tensor (a view), so its gradient is this reader's alone
             self.hook_scale(x.new_ones(x.shape[:-1] + (1,)))
-            return self.hook_normalized(x)
+            return self.hook_normalized(x.view_as(x))
         dtype = x.dtype
         x = x.to(torch.promote_types(dtype, torch.float32))  # never below float32, as in HF
         if not self.rms:
@@ -305,12 +305,36 @@ class Block(nn.Module):
         # A parallel block's MLP reads the same residual stream its attention read.
         mlp_in = self.ln2(resid_pre if self.parallel else resid_mid)
         mlp_out = self.mlp(mlp_in)
-        if self.transcoder is not None:
-            mlp_out = self.transcoder(mlp_in, mlp_out)
         if self.ln2_post is not None:
             mlp_out = self.ln2_post(mlp_out)
+        if self.transcoder is not None:  # it writes what hook_mlp_out holds (post-norm included)
+            mlp_out = self.transcoder(mlp_in, mlp_out)
         mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(resid_mid + mlp_out)
+
+
+def post_norm_sites(model: "HookedTransformer", layer: int | str = "{L}") -> list[str]:
+    """The sites `write_gain` reads (none without post norms)."""
+    if not model.cfg.post_norm:
+        return []
+    return [f"blocks.{layer}.ln1_post.hook_scale", f"blocks.{layer}.ln2_post.hook_scale"]
+
+
+def write_gain(model: "HookedTransformer", acts, layer: int, sublayer: str) -> torch.Tensor | None:
+    """What a post-norm does to a sublayer's raw output, with its scale frozen: w ⊙ scale.
+
+    [batch, pos, d_model], or None without post norms. With the scale held at its value the
+    post-norm (RMSNorm, no centring, no bias) is linear, so a component's write to the residual
+    stream is gain ⊙ (its raw output): head h writes gain ⊙ (z_h W_O_h), neuron n writes
+    gain ⊙ (post_n W_out_n), the output bias gain ⊙ b. These writes sum exactly to hook_attn_out /
+    hook_mlp_out, as without post norms; gradients at every site stay the true ones.
+    sublayer: "attn" or "mlp"; acts must hold `post_norm_sites(model, layer)`."""
+    if not model.cfg.post_norm:
+        return None
+    name = "ln1_post" if sublayer == "attn" else "ln2_post"
+    norm = getattr(model.blocks[layer], name)
+    scale = acts[f"blocks.{layer}.{name}.hook_scale"]
+    return (scale * norm.w).to(norm.w.dtype)  # scale is float32 under bf16; gains follow the model
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 
 from actwh.compute.edges import norm_vjp
 from actwh.compute.keep import KeepRule
-from actwh.compute.model import HookedTransformer, expand_kv
+from actwh.compute.model import HookedTransformer, expand_kv, post_norm_sites, write_gain
 from actwh.compute.sae import at, spliced
 from actwh.compute.targets import Batch, Target, get_target
 
@@ -134,7 +134,7 @@ def sites(model: HookedTransformer) -> tuple[list[str], list[str]]:
                                 "hook_resid_post", "ln1.hook_normalized", "ln1.hook_scale",
                                 "ln2.hook_normalized", "ln2.hook_scale", "attn.hook_q",
                                 "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "mlp.hook_pre",
-                                "mlp.hook_post")]
+                                "mlp.hook_post")] + post_norm_sites(model, L)
         if cfg.gated_mlp:
             fwd.append(p + "mlp.hook_pre_linear")
         bwd += [p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "mlp.hook_post"]
@@ -207,6 +207,9 @@ def _edges_from(model: HookedTransformer, acts, w: Writer, b: int, p: int, r: to
         e = acts["hook_embed"][b, p] + (acts["hook_pos_embed"][b, p] if "hook_pos_embed" in acts else 0)
         return [Part("embed", -1, (e @ r).reshape(1), torch.zeros(1, dtype=torch.long, device=dev),
                      at_p(1))], r.new_zeros(())
+    if w.kind in ("neurons", "heads"):  # a post-norm's frozen gain at p scales what they write
+        gain = write_gain(model, acts, w.layer, "mlp" if w.kind == "neurons" else "attn")
+        r = r if gain is None else r * gain[b, p]
     if w.kind == "neurons":
         mlp = model.blocks[w.layer].mlp
         vals = acts[f"blocks.{w.layer}.mlp.hook_post"][b, p] * (mlp.W_out @ r)

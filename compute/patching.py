@@ -14,7 +14,9 @@ clean logits, everything patched gives the baseline run (the corrupted prompt's 
 corrupt baseline). Baselines: `"zero"` (base_u = 0), corrupted token ids (base_u = u's write on
 the corrupted prompt, read with the clean prompt's attention mask) or precomputed writes such as
 `mean_writes(...)` (per position, over prompts). Attention output biases belong to no head and
-are never patched; an MLP node's write includes its output bias.
+are never patched; an MLP node's write includes its output bias. Under post-sublayer norms
+(Gemma 2/3, OLMo 2) a head's write is z_h W_O_h through its post-norm's gain in the same run
+(model.write_gain), so writes still sum to the residual stream and both exactness properties hold.
 
 Node sets: `run_nodes_patched` replaces the writes of every node outside a kept set (heads,
 whole MLPs, neurons, autoencoder latents) by their baseline values, i.e. activation patching.
@@ -27,9 +29,9 @@ from typing import Iterable
 import torch
 
 from actwh.compute.edges import Node, downstream_nodes, upstream_nodes
-from actwh.compute.model import HookedTransformer
+from actwh.compute.model import HookedTransformer, post_norm_sites, write_gain
 from actwh.compute.targets import Batch
-from actwh.errors import ActwhError, UnsupportedArchitecture
+from actwh.errors import ActwhError
 
 
 def _embed_sites(model: HookedTransformer) -> list[str]:
@@ -40,7 +42,7 @@ def write_sites(model: HookedTransformer) -> list[str]:
     """The hook sites whose values make up every upstream node's write."""
     out = _embed_sites(model)
     for L in range(model.cfg.n_layers):
-        out += [f"blocks.{L}.attn.hook_z", f"blocks.{L}.hook_mlp_out"]
+        out += [f"blocks.{L}.attn.hook_z", f"blocks.{L}.hook_mlp_out", *post_norm_sites(model, L)]
     return out
 
 
@@ -48,7 +50,9 @@ def writes_from(model: HookedTransformer, acts: dict[str, torch.Tensor]) -> torc
     """Every upstream node's write, in `upstream_nodes` order. [batch, pos, U, d_model]"""
     outs = [sum(acts[n] for n in _embed_sites(model))]
     for L, block in enumerate(model.blocks):
-        outs += list(torch.einsum("bphe,hed->hbpd", acts[f"blocks.{L}.attn.hook_z"], block.attn.W_O))
+        heads = torch.einsum("bphe,hed->hbpd", acts[f"blocks.{L}.attn.hook_z"], block.attn.W_O)
+        gain = write_gain(model, acts, L, "attn")  # post norms: heads write through its gain
+        outs += list(heads if gain is None else heads * gain)
         outs.append(acts[f"blocks.{L}.hook_mlp_out"])
     return torch.stack(outs, dim=2)
 
@@ -143,17 +147,9 @@ def allowed_edges(model: HookedTransformer) -> torch.Tensor:
     return torch.arange(1 + cfg.n_layers * per_layer)[:, None] < n_up[None, :]
 
 
-def check_patchable(model: HookedTransformer) -> None:
-    """Edge patching needs each head's write to be z_h W_O_h: refuse post-sublayer norms."""
-    if model.cfg.post_norm:
-        raise UnsupportedArchitecture(
-            f"edge patching is not implemented for {model.cfg.arch} (post-sublayer norms make "
-            "a head's write depend on the other heads)")
-
-
 def _normalized(norm, x: torch.Tensor) -> torch.Tensor:
     """A `Norm`'s normalized value (before its weight and bias) of x, without its hooks."""
-    if norm.kind == "none":
+    if norm.kind == "none":  # OLMo 2's absent pre-norms
         return x
     dtype = x.dtype
     x = x.to(torch.promote_types(dtype, torch.float32))
@@ -179,7 +175,6 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
     """
     batch = batch.to(model.device)
     cfg = model.cfg
-    check_patchable(model)
     if not isinstance(keep_edges, torch.Tensor):
         keep_edges = edge_mask(model, keep_edges)
     U, V = len(upstream_nodes(model)), len(downstream_nodes(model))
@@ -239,7 +234,15 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
 
         def heads_done(z, name, attn=attn):
             wrote(torch.einsum("bphe,hed->bphd", z, attn.W_O), cfg.n_heads)
-        hooks.append((p + "attn.hook_z", heads_done))
+
+        def heads_post(scale, name, attn=attn, L=L, p=p):  # post norms: writes pass its gain
+            gain = write_gain(model, {name: scale}, L, "attn")[:, :, None, :]
+            wrote(torch.einsum("bphe,hed->bphd", live[p + "attn.hook_z"], attn.W_O) * gain,
+                  cfg.n_heads)
+        if cfg.post_norm:  # the write needs the post-norm's scale, which comes after hook_z
+            hooks += [(p + "attn.hook_z", save), (p + "ln1_post.hook_scale", heads_post)]
+        else:
+            hooks.append((p + "attn.hook_z", heads_done))
         hooks.append((p + "hook_resid_mid", save))
 
         def mlp_in(t, name, cols=slice(col, col + 1), ln=block.ln2, p=p):

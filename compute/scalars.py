@@ -8,7 +8,9 @@ scalar never caches what the others would need.
 
 Direct effects are write · g, where g is the gradient of the target's linear readout at the final
 residual stream with the final LayerNorm scale (and the softmax normaliser) held fixed, so the
-direct effects of all components plus bias terms sum exactly to the metric.
+direct effects of all components plus bias terms sum exactly to the metric. A final-logit
+soft-cap (Gemma 2) is held fixed the same way, as the gain cap·tanh(z/cap)/z on each read logit;
+under post-norms a component's write passes its post-norm's frozen gain (model.write_gain).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from typing import Callable
 
 import torch
 
-from actwh.compute.model import HookedTransformer, expand_kv
+from actwh.compute.model import HookedTransformer, expand_kv, write_gain
 from actwh.compute.targets import TARGETS, Batch, Target, get_target
 from actwh.errors import UnknownName
 from actwh.ontology import NODE_TYPES  # noqa: F401  (re-exported: the registry's node types)
 
 FINAL_GRAD = ("final_grad", "")  # a need: the direct-effect gradient at the final residual
-OPTIONAL_SITES = {"hook_pos_embed"}  # absent in rotary models, where positions enter elsewhere
+# absent in some families: rotary models' positions, post-norm gains, the uncapped logits
+OPTIONAL_SITES = {"hook_pos_embed", "blocks.{L}.ln1_post.hook_scale", "blocks.{L}.ln2_post.hook_scale",
+                  "hook_logits_raw"}
 
 
 class Ctx:
@@ -39,6 +43,10 @@ class Ctx:
 
     def g(self, site: str, layer: int | None = None) -> torch.Tensor:
         return self.cache.grads[site.format(L=layer)]
+
+    def gain(self, layer: int, sublayer: str) -> torch.Tensor | None:
+        """The frozen post-norm factor on a sublayer's raw output (model.write_gain), or None."""
+        return write_gain(self.model, self.cache.acts, layer, sublayer)
 
     def embed(self) -> torch.Tensor:
         """Token plus positional embedding: the `embed` node's write. [batch, pos, d_model]"""
@@ -67,13 +75,24 @@ class Ctx:
             key = torch.unique(r.batch * p + r.pos)
             self._rows = (key // p, key % p)
             direction = torch.zeros(b, p, m.cfg.d_model, dtype=m.W_U.dtype, device=m.device)
-            direction.index_put_((r.batch, r.pos), r.weight[:, None] * m.W_U[:, r.vocab].T,
+            weight = r.weight * self.softcap_gain(r)
+            direction.index_put_((r.batch, r.pos), weight[:, None] * m.W_U[:, r.vocab].T,
                                  accumulate=True)
             g = self.a("ln_final.hook_scale").to(direction.dtype) * m.ln_final.w * direction
             if m.cfg.norm == "layernorm":
                 g = g - g.mean(-1, keepdim=True)  # the centring step is linear too
             self._g_final = g
         return self._g_final
+
+    def softcap_gain(self, r) -> torch.Tensor:
+        """Per readout entry, the final-logit soft-cap as a frozen gain: cap · tanh(z / cap) / z
+        (1 at z = 0, and without a cap), so logit = gain · z is linear in the uncapped logit z,
+        the way a norm's frozen scale makes it linear; direct effects then sum to the metric."""
+        if not self.model.cfg.final_softcap:
+            return torch.ones_like(r.weight)
+        raw = self.a("hook_logits_raw")[r.batch, r.pos, r.vocab]
+        capped = self.cache.logits[r.batch, r.pos, r.vocab]
+        return torch.where(raw == 0, torch.ones_like(raw), capped / raw).to(r.weight.dtype)
 
     def vo(self, layer: int) -> torch.Tensor:
         """Each head's write per unit of attention to each key: v @ W_O. [batch, key, head, d_model]"""
@@ -102,24 +121,51 @@ Z = "blocks.{L}.attn.hook_z"
 ATTN_OUT = "blocks.{L}.hook_attn_out"
 MLP_OUT = "blocks.{L}.hook_mlp_out"
 EMBEDS = (("hook_embed", "fwd"), ("hook_pos_embed", "fwd"))
-FINAL = (FINAL_GRAD, ("ln_final.hook_scale", "fwd"))
+FINAL = (FINAL_GRAD, ("ln_final.hook_scale", "fwd"), ("hook_logits_raw", "fwd"))
+ATTN_GAIN = (("blocks.{L}.ln1_post.hook_scale", "fwd"),)  # post-norm families only
+MLP_GAIN = (("blocks.{L}.ln2_post.hook_scale", "fwd"),)
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(-1, keepdim=True)
 
 
+def _gained(g: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    return g if gain is None else g * gain
+
+
 def _head_act_times_grad(c: Ctx, L: int) -> torch.Tensor:
     # result_h · grad(attn_out): grad pulled back through W_O, then dotted with z. [b, q, h]
-    back = torch.einsum("bqd,hed->bqhe", c.g(ATTN_OUT, L), c.model.blocks[L].attn.W_O)
+    g = _gained(c.g(ATTN_OUT, L), c.gain(L, "attn"))
+    back = torch.einsum("bqd,hed->bqhe", g, c.model.blocks[L].attn.W_O)
     return (c.a(Z, L) * back).sum(-1)
 
 
-def _rows_times(c: Ctx, acts: torch.Tensor, W_write: torch.Tensor) -> torch.Tensor:
-    """acts · (g_final @ W_writeᵀ) for nodes writing rows of W_write, at the target's rows only."""
+def _rows_times(c: Ctx, acts: torch.Tensor, W_write: torch.Tensor,
+                gain: torch.Tensor | None = None) -> torch.Tensor:
+    """acts · (g_final @ W_writeᵀ) for nodes writing rows of W_write (through a post-norm's
+    frozen gain when there is one), at the target's rows only."""
     rows = c.rows()
     g = c.g_final()[rows]  # [n, d_model]
+    if gain is not None:
+        g = g * gain[rows]
     return c.at_rows(acts[rows] * (g @ W_write.T), W_write.shape[0])
+
+
+def _mlp_write_norm(c: Ctx, L: int) -> torch.Tensor:
+    W_out, gain = c.model.blocks[L].mlp.W_out, c.gain(L, "mlp")
+    if gain is None:
+        return c.a(POST, L).abs() * W_out.norm(dim=-1)
+    return c.a(POST, L).abs() * torch.einsum("nd,bpd->bpn", W_out.square(), gain.square()).sqrt()
+
+
+def _attn_write_norm(c: Ctx, L: int) -> torch.Tensor:
+    vo, gain = c.vo(L), c.gain(L, "attn")  # [b, k, h, d]
+    if gain is None:
+        norm = vo.norm(dim=-1).permute(0, 2, 1)[:, :, None, :]  # [b, h, 1, k]
+    else:  # the write lands at the query, through the query position's gain
+        norm = torch.einsum("bkhd,bqd->bhqk", vo.square(), gain.square()).sqrt()
+    return c.a(PATTERN, L) * norm
 
 
 def _attn_direct_effect(c: Ctx, L: int) -> torch.Tensor:
@@ -130,7 +176,7 @@ def _attn_direct_effect(c: Ctx, L: int) -> torch.Tensor:
     v = expand_kv(c.a(V, L), c.model.cfg.n_heads, dim=2)
     b, p, h, e = v.shape
     back = v.new_zeros(b, p, h, e)  # [b, q, head, d_head]
-    back[rows] = torch.einsum("hed,nd->nhe", attn.W_O, c.g_final()[rows])
+    back[rows] = torch.einsum("hed,nd->nhe", attn.W_O, _gained(c.g_final(), c.gain(L, "attn"))[rows])
     return torch.einsum("bkhe,bqhe->bhqk", v, back) * c.a(PATTERN, L)  # [b, h, q, k]
 
 
@@ -138,12 +184,13 @@ SCALARS: dict[str, Scalar] = {s.name: s for s in [
     Scalar("mlp_post_act", "mlp_neuron", "token", "MLP neuron activation (after the nonlinearity)",
            ((POST, "fwd"),), lambda c, L: c.a(POST, L)),
     Scalar("mlp_write_norm", "mlp_neuron", "token",
-           "norm of the neuron's write to the residual stream: |act| · ||W_out row||",
-           ((POST, "fwd"),),
-           lambda c, L: c.a(POST, L).abs() * c.model.blocks[L].mlp.W_out.norm(dim=-1)),
+           "norm of the neuron's write to the residual stream: |act| · ||W_out row|| (through "
+           "the post-norm's frozen gain where there is one)",
+           ((POST, "fwd"), *MLP_GAIN), _mlp_write_norm),
     Scalar("mlp_direct_effect", "mlp_neuron", "token",
            "neuron write · target gradient at the final residual (final norm scale frozen)",
-           ((POST, "fwd"), *FINAL), lambda c, L: _rows_times(c, c.a(POST, L), c.model.blocks[L].mlp.W_out)),
+           ((POST, "fwd"), *MLP_GAIN, *FINAL),
+           lambda c, L: _rows_times(c, c.a(POST, L), c.model.blocks[L].mlp.W_out, c.gain(L, "mlp"))),
     Scalar("mlp_act_times_grad", "mlp_neuron", "token",
            "neuron activation × ∂target/∂activation", ((POST, "fwd"), (POST, "bwd")),
            lambda c, L: c.a(POST, L) * c.g(POST, L)),
@@ -151,18 +198,17 @@ SCALARS: dict[str, Scalar] = {s.name: s for s in [
            ((PATTERN, "fwd"),), lambda c, L: c.a(PATTERN, L), token_form=False),
     Scalar("attn_write_norm", "attn_head", "pair",
            "norm of what the head writes from key to query: p · ||v W_O|| (token: summed over keys)",
-           ((PATTERN, "fwd"), (V, "fwd")),
-           lambda c, L: c.a(PATTERN, L) * c.vo(L).norm(dim=-1).permute(0, 2, 1)[:, :, None, :]),
+           ((PATTERN, "fwd"), (V, "fwd"), *ATTN_GAIN), _attn_write_norm),
     Scalar("attn_direct_effect", "attn_head", "pair",
            "head write from key to query · final-residual target gradient (token: the head's "
-           "whole direct effect)", ((PATTERN, "fwd"), (V, "fwd"), *FINAL),
+           "whole direct effect)", ((PATTERN, "fwd"), (V, "fwd"), *ATTN_GAIN, *FINAL),
            _attn_direct_effect),
     Scalar("attn_act_times_grad", "attn_head", "pair",
            "attention probability × ∂target/∂probability (token: summed over keys)",
            ((PATTERN, "fwd"), (PATTERN, "bwd")), lambda c, L: c.a(PATTERN, L) * c.g(PATTERN, L)),
     Scalar("attn_head_act_times_grad", "attn_head", "token",
            "the head's whole output · ∂target/∂attention output (component graph node)",
-           ((Z, "fwd"), (ATTN_OUT, "bwd")), _head_act_times_grad),
+           ((Z, "fwd"), (ATTN_OUT, "bwd"), *ATTN_GAIN), _head_act_times_grad),
     Scalar("mlp_layer_direct_effect", "mlp", "token",
            "the MLP layer's output (bias included) · final-residual target gradient",
            ((MLP_OUT, "fwd"), *FINAL), lambda c, L: _dot(c.a(MLP_OUT, L), c.g_final())),
@@ -252,7 +298,7 @@ class Plan:
                     layers = range(model.cfg.n_layers) if "{L}" in site else [None]
                     names = [site.format(L=L) for L in layers]
                 for name in names:
-                    if name in OPTIONAL_SITES and name not in model.hook_points:
+                    if site in OPTIONAL_SITES and name not in model.hook_points:
                         continue
                     (fwd if kind == "fwd" else bwd).add(name)
         return cls(scalars, frozenset(fwd), frozenset(bwd), final)

@@ -64,7 +64,7 @@ def hf_config(family: str):
     gemma = dict(llama_like, head_dim=12, num_key_value_heads=2, query_pre_attn_scalar=10,
                  sliding_window=4, hidden_activation="gelu_pytorch_tanh")
     if family == "gemma2":  # soft caps small enough to bend the logits they cap
-        return T.Gemma2Config(**gemma, attn_logit_softcapping=2.0, final_logit_softcapping=1.5)
+        return T.Gemma2Config(**gemma, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
     if family == "gemma3":  # local then global layer, each with its own rope (global: linear)
         return T.Gemma3TextConfig(**gemma, layer_types=["sliding_attention", "full_attention"],
                                   rope_parameters={
@@ -90,10 +90,10 @@ ROPE_VARIANTS = {
                  "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]},
 }
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral", "llama3", "qwen2_5", "qwen3", "phi3"]
-# logits parity only: each rope_type (llama3 and longrope are the llama3 and phi3 families), and
-# the post-norm families until their attributions land
-ROPE_FAMILIES = ["rope_linear", "rope_dynamic", "rope_yarn", "olmo2", "gemma2", "gemma3"]
+FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral", "llama3", "qwen2_5", "qwen3", "phi3",
+            "olmo2", "gemma2", "gemma3"]
+# logits parity only: each rope_type (llama3 and longrope are the llama3 and phi3 families)
+ROPE_FAMILIES = ["rope_linear", "rope_dynamic", "rope_yarn"]
 
 
 def save_tiny(family: str, folder, seed: int = 0):
@@ -132,6 +132,34 @@ def hf_model(family_dir):
     import transformers as T
 
     return T.AutoModelForCausalLM.from_pretrained(family_dir[1], attn_implementation="eager").eval()
+
+
+def gain_sites(model, L):
+    """Post-norm scale sites of layer L (empty for pre-norm-only families)."""
+    return [f"blocks.{L}.{n}.hook_scale" for n in ("ln1_post", "ln2_post")
+            if getattr(model.blocks[L], n, None) is not None]
+
+
+def post_gain(model, acts, L, norm):
+    """The post-norm `norm` ("ln1_post" / "ln2_post") of layer L as a frozen linear map's
+    diagonal, w · scale [b, p, d]; 1 without post norms (the write is the raw output)."""
+    ln = getattr(model.blocks[L], norm, None)
+    return 1.0 if ln is None else acts[f"blocks.{L}.{norm}.hook_scale"] * ln.w
+
+
+def direct_effect_sites(model):
+    """What a test's own Ctx cache needs for g_final and frozen gains: the final norm's scale,
+    every post-norm scale and, with a final-logit soft-cap, the uncapped logits."""
+    return ["ln_final.hook_scale"] + [n for n in model.hook_points
+                                      if n == "hook_logits_raw" or n.endswith("_post.hook_scale")]
+
+
+def softcap_t(model, acts, r):
+    """Per readout entry, logit / uncapped logit = cap · tanh(z / cap) / z (1 without a cap)."""
+    if not model.cfg.final_softcap:
+        return 1.0
+    z = acts["hook_logits_raw"][r.batch, r.pos, r.vocab]
+    return model.cfg.final_softcap * torch.tanh(z / model.cfg.final_softcap) / z
 
 
 def padded_batch(tokenizer, texts, side="right"):

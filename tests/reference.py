@@ -79,14 +79,27 @@ def node_r(model, batch: Batch, target: str, node_type: str, layer: int, index: 
     return r, atg
 
 
+def _gain(model, a, L, norm):
+    """A post-norm (ln1_post / ln2_post) with its scale frozen is the diagonal map w · scale, so a
+    write through it is that gain times the raw write; 1 without post norms."""
+    ln = getattr(model.blocks[L], norm, None)
+    return 1.0 if ln is None else a[f"blocks.{L}.{norm}.hook_scale"] * ln.w
+
+
+def _gain_sites(model):
+    return [n for n in model.hook_points if n.endswith(("ln1_post.hook_scale", "ln2_post.hook_scale"))]
+
+
 def writes(model, batch: Batch, node_type: str, layer: int, pos: int, b: int = 0):
     """Every upstream node's write into what v reads at `pos`: {(type, layer, index, pos): vector},
-    and the sum of the output biases written there. Heads are split by key position."""
+    and the sum of the output biases written there. Heads are split by key position; under
+    post-norms every write passes the post-norm's frozen gain at `pos`."""
     cfg = model.cfg
     names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_points else [])
     for L in range(cfg.n_layers):
         names += [f"blocks.{L}.attn.hook_pattern", f"blocks.{L}.attn.hook_v", f"blocks.{L}.mlp.hook_post"]
-    a = acts(model, batch, names)
+    a = acts(model, batch, names + _gain_sites(model))
+    gain_at = lambda L, norm: 1.0 if not cfg.post_norm else _gain(model, a, L, norm)[b, pos]  # noqa: E731
     out = {("embed", -1, 0, pos): a["hook_embed"][b, pos] + (a["hook_pos_embed"][b, pos]
                                                            if "hook_pos_embed" in a else 0)}
     bias = torch.zeros_like(out[("embed", -1, 0, pos)])
@@ -103,13 +116,14 @@ def writes(model, batch: Batch, node_type: str, layer: int, pos: int, b: int = 0
             pattern, v = a[f"blocks.{L}.attn.hook_pattern"][b], a[f"blocks.{L}.attn.hook_v"][b]
             for h in range(cfg.n_heads):
                 for k in range(pattern.shape[-1]):
-                    out[("attn_head", L, h, k)] = pattern[h, pos, k] * (v[k, h // group] @ blk.attn.W_O[h])
-            bias = bias + blk.attn.b_O
+                    out[("attn_head", L, h, k)] = pattern[h, pos, k] * (v[k, h // group] @ blk.attn.W_O[h]) \
+                        * gain_at(L, "ln1_post")
+            bias = bias + blk.attn.b_O * gain_at(L, "ln1_post")
         if L < neurons_upto:
             post = a[f"blocks.{L}.mlp.hook_post"][b, pos]
             for n in range(cfg.d_mlp):
-                out[("mlp_neuron", L, n, pos)] = post[n] * blk.mlp.W_out[n]
-            bias = bias + blk.mlp.b_out
+                out[("mlp_neuron", L, n, pos)] = post[n] * blk.mlp.W_out[n] * gain_at(L, "ln2_post")
+            bias = bias + blk.mlp.b_out * gain_at(L, "ln2_post")
     return out, bias
 
 
@@ -126,14 +140,17 @@ def node_edges_ref(model, batch: Batch, target: str, node_type: str, layer: int,
 # --- component graph ------------------------------------------------------------------------
 
 def component_outputs(model, batch: Batch, extra_hooks=()):
-    """Upstream writes of the component graph: embed (+pos), z_h W_O_h per head, MLP outputs."""
+    """Upstream writes of the component graph: embed (+pos), z_h W_O_h per head (through a
+    post-norm's frozen gain), MLP outputs."""
     names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_points else [])
     names += [f"blocks.{L}.{s}" for L in range(model.cfg.n_layers) for s in ("attn.hook_z", "hook_mlp_out")]
+    names += _gain_sites(model)
     a = model.run_with_cache(batch.tokens, names, attention_mask=batch.mask, fwd_hooks=extra_hooks).acts
     outs = [a["hook_embed"] + a.get("hook_pos_embed", 0)]
     for L, blk in enumerate(model.blocks):
+        gain = _gain(model, a, L, "ln1_post")
         for h in range(model.cfg.n_heads):
-            outs.append(a[f"blocks.{L}.attn.hook_z"][:, :, h] @ blk.attn.W_O[h])
+            outs.append(gain * (a[f"blocks.{L}.attn.hook_z"][:, :, h] @ blk.attn.W_O[h]))
         outs.append(a[f"blocks.{L}.hook_mlp_out"])
     return outs
 

@@ -46,8 +46,7 @@ def test_rope_types_match_transformers(tmp_path, family):
 
     folder = save_tiny(family, tmp_path)
     loaded = load_model(folder, device="cpu")
-    if family.startswith("rope_"):
-        assert loaded.model.cfg.rope.type == family[len("rope_"):]
+    assert loaded.model.cfg.rope.type == family[len("rope_"):]
     hf = T.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     for side in ("right", "left"):
         check_logits(loaded, hf, side)

@@ -16,7 +16,7 @@ from actwh.compute.patching import (allowed_edges, baseline_writes, edge_mask, m
                                     run_patched, upstream_writes)
 from actwh.compute.targets import Batch
 
-from conftest import PROMPTS, padded_batch
+from conftest import PROMPTS, gain_sites, padded_batch, post_gain
 
 CORRUPT = ["when John and Mary went to the store , Mary gave a ball to",
            "the dog",
@@ -119,13 +119,15 @@ def test_one_patched_edge_changes_its_input_by_its_write_difference(tiny_model):
         # the write of u, by hand, on both prompts
         names = ["hook_embed", "blocks.0.attn.hook_z", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre"]
         names += ["hook_pos_embed"] if "hook_pos_embed" in model.hook_points else []
+        names += gain_sites(model, 0)
 
         def write(cache):
             if u.node_type == "embed":
                 return cache.acts["hook_embed"] + cache.acts.get("hook_pos_embed", 0)
             if u.node_type == "mlp":
                 return cache.acts["blocks.0.hook_mlp_out"]
-            return cache.acts["blocks.0.attn.hook_z"][:, :, u.index] @ model.blocks[0].attn.W_O[u.index]
+            return post_gain(model, cache.acts, 0, "ln1_post") * (
+                cache.acts["blocks.0.attn.hook_z"][:, :, u.index] @ model.blocks[0].attn.W_O[u.index])
         c = model.run_with_cache(batch.tokens, names, attention_mask=batch.mask)
         k = model.run_with_cache(bad, names, attention_mask=batch.mask)
         x = c.acts["blocks.1.hook_resid_pre"] - (write(c) - write(k))
@@ -299,16 +301,3 @@ def test_patched_metric_equals_transformers_reference_default_model():
     batch = Batch(tokens, mask, torch.tensor([one(r["target"]) for r in rows]),
                   torch.tensor([one(r["distractor"]) for r in rows]))
     check_against_transformers(WEIGHTS, batch, corrupt, seed=1, n_sets=2)
-
-
-def test_post_norm_families_are_refused(tmp_path):
-    from conftest import save_tiny
-
-    from actwh.errors import UnsupportedArchitecture
-
-    loaded = load_model(save_tiny("gemma2", tmp_path / "g"), device="cpu")
-    batch = make_batch(loaded.tokenizer)
-    model = loaded.model
-    U, V = len(upstream_nodes(model)), len(downstream_nodes(model))
-    with pytest.raises(UnsupportedArchitecture, match="post-sublayer norms"):
-        run_patched(model, batch, torch.ones(U, V, dtype=torch.bool), "zero")

@@ -16,7 +16,7 @@ from actwh.compute.scalars import Ctx, compute_scalars
 from actwh.compute.targets import TARGETS, Batch
 from actwh.errors import SAEError
 
-from conftest import PROMPTS, padded_batch, write_prompts
+from conftest import PROMPTS, direct_effect_sites, padded_batch, post_gain, softcap_t, write_prompts
 
 
 def write_random_weights(folder, d_in, d_sae, seed=0, jumprelu=False):
@@ -88,7 +88,7 @@ def test_direct_effects_with_latents_sum_to_metric_and_act_times_grad_matches_fd
                                                        "embed_direct_effect", "attn_direct_effect",
                                                        "mlp_layer_direct_effect", "sae_latent_act"])
     site = "blocks.0.hook_mlp_out"
-    cache = model.run_with_cache(tokens, ["ln_final.hook_scale", site + ".sae.hook_error"],
+    cache = model.run_with_cache(tokens, [*direct_effect_sites(model), site + ".sae.hook_error"],
                                  attention_mask=mask)
     g = Ctx(model, batch, TARGETS["logit_diff"], cache).g_final() * mask[..., None]
     sae = model.hook_points[site].sae
@@ -97,10 +97,11 @@ def test_direct_effects_with_latents_sum_to_metric_and_act_times_grad_matches_fd
     total += res.token["mlp_layer_direct_effect"][:, :, 1:].sum((1, 2, 3))
     total += res.token["sae_direct_effect"].sum((1, 2, 3))
     total += (cache.acts[site + ".sae.hook_error"] * g).sum((1, 2)) + (g @ sae.b_dec).sum(-1)
-    for blk in model.blocks:
-        total += (g @ blk.attn.b_O).sum(-1)
+    for L, blk in enumerate(model.blocks):
+        total += ((g * post_gain(model, cache.acts, L, "ln1_post")) @ blk.attn.b_O).sum(-1)
     r = TARGETS["logit_diff"].readout(cache.logits, batch)
-    total = total.index_add(0, r.batch, r.weight * (model.ln_final.b @ model.W_U + model.b_U)[r.vocab]) + r.constant
+    t = softcap_t(model, cache.acts, r)
+    total = total.index_add(0, r.batch, r.weight * t * (model.ln_final.b @ model.W_U + model.b_U)[r.vocab]) + r.constant
     assert (total - res.metric).abs().max() <= 1e-3
     # act × grad of the most attributed latent vs a central finite difference of scaling it
     atg = res.token["sae_act_times_grad"][0, :, 0]

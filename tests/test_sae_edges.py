@@ -15,7 +15,7 @@ from actwh.compute.sae import at, load_sae, splice
 from actwh.compute.targets import TARGETS, Batch
 from actwh.errors import SAEError
 
-from conftest import PROMPTS, padded_batch, write_prompts
+from conftest import PROMPTS, padded_batch, post_gain, write_prompts
 from test_sae import write_random_weights, write_saelens
 
 
@@ -152,6 +152,8 @@ def test_edges_into_latents_and_target_equal_autograd_and_sum_exactly(spliced_mo
                 h, k = 1, 0
                 write = cache.acts[f"blocks.{m}.attn.hook_pattern"][b, h, p, k] * (
                     cache.acts[f"blocks.{m}.attn.hook_v"][b, k, h // kv_group] @ model.blocks[m].attn.W_O[h])
+                if model.cfg.post_norm:  # through the post-norm at the query, scale frozen
+                    write = write * post_gain(model, cache.acts, m, "ln1_post")[b, p]
                 got = part.values[(part.index == h) & (part.pos == k)][0]
                 assert torch.isclose(got, write @ ref[b, p], atol=1e-12)
                 checked["head->latent"] += 1

@@ -10,7 +10,7 @@ from actwh.compute.scalars import SCALARS, Plan, compute_scalars
 from actwh.compute.targets import TARGETS, Batch
 from actwh.errors import UnknownName
 
-from conftest import PROMPTS, padded_batch
+from conftest import PROMPTS, direct_effect_sites, gain_sites, padded_batch, post_gain, softcap_t
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,16 @@ def make_batch(loaded, side="right", texts=PROMPTS):
 
 
 def component_sum(model, cache_acts):
-    """embed (+ pos) + every head's result + attention biases + every MLP's output."""
+    """embed (+ pos) + every head's result + attention biases + every MLP's output (heads and
+    biases through a post-norm's frozen gain)."""
     cfg = model.cfg
     total = cache_acts["hook_embed"] + cache_acts.get("hook_pos_embed", 0)
     for L, block in enumerate(model.blocks):
         z = cache_acts[f"blocks.{L}.attn.hook_z"]
-        total = total + torch.einsum("bphe,hed->bpd", z, block.attn.W_O) + block.attn.b_O
+        gain = post_gain(model, cache_acts, L, "ln1_post")
+        for h in range(cfg.n_heads):
+            total = total + gain * (z[:, :, h] @ block.attn.W_O[h])
+        total = total + gain * block.attn.b_O
         total = total + cache_acts[f"blocks.{L}.hook_mlp_out"]
     return total
 
@@ -41,7 +45,7 @@ def test_decomposition_sums_to_final_residual(tiny_model):
     model = tiny_model.model
     b = make_batch(tiny_model)
     names = [n for n in model.hook_points if n.endswith(("hook_embed", "hook_pos_embed", "hook_z",
-                                                          "hook_mlp_out"))]
+                                                          "hook_mlp_out", "_post.hook_scale"))]
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     cache = model.run_with_cache(b.tokens, names + [final], attention_mask=b.mask)
     diff = component_sum(model, cache.acts) - cache.acts[final]
@@ -60,29 +64,40 @@ def test_direct_effects_sum_to_metric(model64, target):
     # unembedding bias along the readout, and the readout's constant (frozen normaliser).
     from actwh.compute.scalars import Ctx
 
-    cache = model.run_with_cache(b.tokens, ["ln_final.hook_scale"], attention_mask=b.mask)
+    # With a final-logit soft-cap, logit = t · z with t = cap·tanh(z/cap)/z frozen per entry.
+    cache = model.run_with_cache(b.tokens, direct_effect_sites(model), attention_mask=b.mask)
     ctx = Ctx(model, b, TARGETS[target], cache)
     g = ctx.g_final() * b.mask[..., None]
-    for block in model.blocks:
-        total = total + (g @ block.attn.b_O).sum(-1) + (g @ block.mlp.b_out).sum(-1)
+    for L, block in enumerate(model.blocks):
+        g_attn = g * post_gain(model, cache.acts, L, "ln1_post")
+        g_mlp = g * post_gain(model, cache.acts, L, "ln2_post")
+        total = total + (g_attn @ block.attn.b_O).sum(-1) + (g_mlp @ block.mlp.b_out).sum(-1)
     r = TARGETS[target].readout(cache.logits, b)
-    per_entry = r.weight * (model.ln_final.b @ model.W_U + model.b_U)[r.vocab]
+    t = softcap_t(model, cache.acts, r)
+    if model.cfg.final_softcap:
+        assert (t - 1).abs().max() > 0.01  # the cap bends these logits
+    per_entry = r.weight * t * (model.ln_final.b @ model.W_U + model.b_U)[r.vocab]
     total = total.index_add(0, r.batch, per_entry) + r.constant
     assert (total - res.metric).abs().max() <= 1e-3
     # The layer-level MLP direct effect is its neurons' plus its output bias.
-    bias = torch.stack([(g @ blk.mlp.b_out) for blk in model.blocks], dim=2)
+    bias = torch.stack([(g * post_gain(model, cache.acts, L, "ln2_post")) @ blk.mlp.b_out
+                        for L, blk in enumerate(model.blocks)], dim=2)
     layer = res.token["mlp_direct_effect"].sum(-1) + bias
     assert torch.allclose(res.token["mlp_layer_direct_effect"][..., 0], layer, atol=1e-8)
 
 
-def finite_difference(model, b, target, site, index, eps=1e-4):
-    """(metric(1+eps) - metric(1-eps)) / 2eps for scaling one entry of `site`'s tensor."""
+def finite_difference(model, b, target, site, index, eps=1e-4, frozen=()):
+    """(metric(1+eps) - metric(1-eps)) / 2eps for scaling one entry of `site`'s tensor, with the
+    sites in `frozen` held at their clean values."""
+    held = model.run_with_cache(b.tokens, list(frozen), attention_mask=b.mask).acts
+
     def run(scale):
         def hook(t, name):
             t = t.clone()
             t[index] = t[index] * scale
             return t
-        with torch.no_grad(), model.hooks(fwd=[(site, hook)]):
+        hooks = [(site, hook)] + [(n, lambda t, n: held[n]) for n in frozen]
+        with torch.no_grad(), model.hooks(fwd=hooks):
             return TARGETS[target].metric(model(b.tokens, b.mask), b)
     return (run(1 + eps) - run(1 - eps)) / (2 * eps)
 
@@ -103,7 +118,9 @@ def test_act_times_grad_matches_finite_difference(model64, target):
     fd = finite_difference(model, b, target, "blocks.0.mlp.hook_post", (0, p, neuron))[0]
     check(float(res.token["mlp_act_times_grad"][0, p, 0, neuron]), float(fd))
     head = int(res.token["attn_head_act_times_grad"][0, p, L].abs().argmax())
-    fd = finite_difference(model, b, target, f"blocks.{L}.attn.hook_z", (0, p, head))[0]
+    # A head node's write passes a post-norm with its scale frozen (the component-graph node).
+    frozen = [s for s in gain_sites(model, L) if "ln1_post" in s]
+    fd = finite_difference(model, b, target, f"blocks.{L}.attn.hook_z", (0, p, head), frozen=frozen)[0]
     check(float(res.token["attn_head_act_times_grad"][0, p, L, head]), float(fd))
     # Scaling one query's whole pattern row: derivative = Σ_k p_k ∂m/∂p_k, the token form.
     fd = finite_difference(model, b, target, f"blocks.{L}.attn.hook_pattern", (0, head, p))[0]
@@ -141,10 +158,14 @@ def test_token_forms_equal_independent_head_quantities(model64):
 
     names = [f"blocks.{L}.attn.{s}" for L in range(model.cfg.n_layers)
              for s in ("hook_z", "hook_pattern", "hook_v")] + ["ln_final.hook_scale"]
+    names += [s for L in range(model.cfg.n_layers) for s in gain_sites(model, L)]
+    names += ["hook_logits_raw"] if model.cfg.final_softcap else []
     cache = model.run_with_cache(b.tokens, names, attention_mask=b.mask)
     g = Ctx(model, b, TARGETS["logit_diff"], cache).g_final()
     for L, block in enumerate(model.blocks):
         result = torch.einsum("bphe,hed->bphd", cache.acts[f"blocks.{L}.attn.hook_z"], block.attn.W_O)
+        result = result * post_gain(model, cache.acts, L, "ln1_post")[:, :, None, :] \
+            if model.cfg.post_norm else result
         de = (result * g[:, :, None, :]).sum(-1)
         assert torch.allclose(res.token["attn_direct_effect"][:, :, L], de, atol=1e-9)
         for name in ("attn_direct_effect", "attn_write_norm", "attn_act_times_grad"):
@@ -154,6 +175,8 @@ def test_token_forms_equal_independent_head_quantities(model64):
     L, h, q, k = 0, 1, 4, 2
     v = cache.acts[f"blocks.{L}.attn.hook_v"][0, k, h // (model.cfg.n_heads // model.cfg.n_kv_heads)]
     write = cache.acts[f"blocks.{L}.attn.hook_pattern"][0, h, q, k] * (v @ model.blocks[L].attn.W_O[h])
+    if model.cfg.post_norm:
+        write = write * post_gain(model, cache.acts, L, "ln1_post")[0, q]
     assert torch.isclose(res.pair["attn_write_norm"][0, L, h, q, k], write.norm())
 
 
