@@ -233,9 +233,12 @@ def test_write_norms_equal_the_norm_of_each_write_vector(model64):
     b = make_batch(model64, "left")
     res = compute_scalars(model, b, "logit_diff", ["mlp_write_norm"])
     names = [f"blocks.{L}.mlp.hook_post" for L in range(model.cfg.n_layers)]
-    cache = model.run_with_cache(b.tokens, names, attention_mask=b.mask)
+    gains = [s for L in range(model.cfg.n_layers) for s in gain_sites(model, L)]
+    cache = model.run_with_cache(b.tokens, names + gains, attention_mask=b.mask)
     for L, name in enumerate(names):
         post = cache.acts[name]  # [b, p, n]
         assert (post < -1e-3).any()  # the check below can fail
         write = post[..., None] * model.blocks[L].mlp.W_out  # [b, p, n, d]
+        if model.cfg.post_norm:  # through the post-norm, its scale frozen, at each position
+            write = write * post_gain(model, cache.acts, L, "ln2_post")[:, :, None, :]
         assert torch.allclose(res.token["mlp_write_norm"][:, :, L], write.norm(dim=-1), atol=1e-10)
