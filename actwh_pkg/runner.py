@@ -375,42 +375,45 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     if resume is None:
         info = loaded.info
         cfg = loaded.model.cfg
-        model_id = writer.register_model(dict(
-            name=info.name, source=info.source, weights_sha256=info.weights_sha256, arch=info.arch,
-            n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
-            d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx, config=info.config))
-        run_id = writer.create_run(
-            model_id, name=opts.name, target=target.name, scalars=",".join(scalars),
+        run_id = writer.start_run(
+            dict(name=info.name, source=info.source, weights_sha256=info.weights_sha256,
+                 arch=info.arch, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
+                 d_head=cfg.d_head, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
+                 config=info.config),
+            [dict(site=s.info.site, d_in=s.info.d_in, d_sae=s.info.d_sae, source=s.info.source,
+                  weights_sha256=s.info.weights_sha256, config={**s.info.config, "kind": s.info.kind})
+             for s in saes],
+            name=opts.name, target=target.name, scalars=",".join(scalars),
             selection=str(selection), code_version=__version__,
             device=str(loaded.model.device), dtype=opts.dtype, n_prompts=len(encoded),
             options={**opts.to_json(), "inputs": {"prompts_sha256": prompts_sha,
                                                   "weights_sha256": loaded.info.weights_sha256,
                                                   "saes_sha256": sae_shas}})
-        for sae in saes:
-            i = sae.info
-            writer.register_sae(model_id, dict(site=i.site, d_in=i.d_in, d_sae=i.d_sae, source=i.source,
-                                               weights_sha256=i.weights_sha256,
-                                               config={**i.config, "kind": i.kind}))
+        done: set[int] = set()
     else:
         run_id = resume
-    done = writer.done_prompts(run_id)
+        done = writer.done_prompts(run_id)
     pending = sorted((e for e in encoded if e.prompt_id not in done), key=lambda e: len(e.ids))
     bar = Progress(len(pending), progress)
     start, rows, n_tokens = time.monotonic(), {"node_scalars": 0, "pair_scalars": 0}, 0
     token_text: dict[int, str] = {}
     needed = selection.scalars_needed(scalars)
-    for i in range(0, len(pending), opts.batch_size):
-        chunk = pending[i:i + opts.batch_size]
-        tables = compute_batch(loaded, chunk, target, needed, scalars, selection, opts.detach_ln,
-                               run_id, token_text, opts.edges)
-        writer.queue_batch(run_id, tables)
-        for t in rows:
-            rows[t] += tables[t].num_rows
-        n_tok = sum(len(e.ids) for e in chunk)
-        n_tokens += n_tok
-        bar.update(len(chunk), n_tok)
-    bar.close()
-    status = writer.finish_run(run_id)
+    try:
+        for i in range(0, len(pending), opts.batch_size):
+            chunk = pending[i:i + opts.batch_size]
+            tables = compute_batch(loaded, chunk, target, needed, scalars, selection, opts.detach_ln,
+                                   run_id, token_text, opts.edges)
+            writer.queue_batch(run_id, tables)
+            for t in rows:
+                rows[t] += tables[t].num_rows
+            n_tok = sum(len(e.ids) for e in chunk)
+            n_tokens += n_tok
+            bar.update(len(chunk), n_tok)
+        bar.close()
+        status = writer.finish_run(run_id)
+    except BaseException:
+        writer.discard()  # committed batches stay; a resume recomputes the held ones
+        raise
     return PopulateResult(run_id, status, len(encoded), len(pending), time.monotonic() - start,
                           n_tokens, rows, commits=writer.commits)
 

@@ -273,3 +273,28 @@ def test_ctrl_c_is_one_line(base, monkeypatch):
     monkeypatch.setattr(Warehouse, "sql", interrupted)
     r = CliRunner().invoke(cli, ["sql", "SELECT 1", "--db", str(db)])
     assert r.exit_code == 130 and r.output.strip() == "Error: interrupted"
+
+
+def test_ctrl_c_stops_a_running_query_with_one_line(base):
+    """A real SIGINT while DuckDB computes (DuckDB does not see Python's signal on its own)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, _, db = base
+    proc = subprocess.Popen([sys.executable, "-m", "actwh.cli", "sql",
+                             "SELECT count(*) AS n FROM range(100000000000) r WHERE r.range % 7 = 3",
+                             "--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    tick = os.sysconf("SC_CLK_TCK")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 120:  # well into the query: imports take ~1 s of CPU
+        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / tick > 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "Error: interrupted" and out == "", err

@@ -39,7 +39,8 @@ from actwh.warehouse.schema import BIG_TABLES, SCHEMA_VERSION, build_metadata
 
 log = logging.getLogger("actwh.warehouse")
 VIEWS_SQL = Path(__file__).with_name("views.sql")
-LOCK_RE = re.compile(r"Conflicting lock is held in (.*?)(?: \(PID (\d+)\))?(?:\.|$| by)")
+LOCK_RE = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
+TELL_AFTER_S = 1.0  # a writer mentions who holds the file once it has been held this long
 READER_CONFIG = {"enable_external_access": False}
 # One static statement per table; columns matched by name, values come from the registered Arrow.
 INSERT_SQL = {
@@ -123,9 +124,8 @@ def _open(path, read_only: bool) -> duckdb.DuckDBPyConnection:
         if _is_lock_error(e):
             raise WarehouseLocked(path, _holder(e)) from None
         first = str(e).splitlines()[0]
-        if isinstance(e, duckdb.IOException) and ("not a valid DuckDB" in first or "Corrupt" in first
-                                                  or "Could not read enough bytes" in first):
-            raise WarehouseError(f"{path} is corrupted or not a DuckDB file: {first}") from None
+        if any(m in first for m in CORRUPT_MARKS):
+            raise WarehouseError(one_line(e, path)) from None
         raise WarehouseError(f"cannot open {path}: {first}") from None
 
 
@@ -215,15 +215,17 @@ class Warehouse:
 
     def _fetch(self, query: str, params: dict, materialise):
         check_params(query, params)
-        with self.connection() as con:
+        with self.connection() as con, interruptible(con):
             try:
                 rel = con.sql(query, params=params or None)
                 if rel is None:
                     raise WarehouseError("the statement returns no rows to show; give one SELECT "
                                          "(or another statement that returns a result)")
                 return materialise(rel)
+            except duckdb.InterruptException:
+                raise KeyboardInterrupt from None
             except duckdb.Error as e:
-                raise WarehouseError(one_line(e)) from None
+                raise WarehouseError(one_line(e, self.path)) from None
 
     def sql(self, query: str, **params):
         """Run one statement with bound `$name` parameters; the result as a Polars DataFrame."""
@@ -327,6 +329,27 @@ class Warehouse:
         self.close()
 
 
+@contextmanager
+def interruptible(con):
+    """Ctrl-C interrupts a running query (DuckDB does not see Python's signal on its own)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def stop(signum, frame):
+        con.interrupt()
+
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 _STRIP = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/", re.S)
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -346,8 +369,14 @@ def check_params(query: str, params: dict) -> None:
                              f"(it uses {', '.join('$' + u for u in sorted(used)) or 'none'})")
 
 
-def one_line(e: Exception) -> str:
+CORRUPT_MARKS = ("not a valid DuckDB", "Corrupt database file", "Could not read enough bytes",
+                 "checksum")
+
+
+def one_line(e: Exception, path=None) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if path is not None and any(m in text for m in CORRUPT_MARKS):
+        return f"{path} is corrupted or not a DuckDB file: {text}"
     if "file system operations are disabled" in text or "external" in text.lower() and "disabled" in text:
         return f"refused: a read-only command cannot read or write other files ({text})"
     return text
@@ -359,7 +388,7 @@ def check_version(con, path) -> None:
     except duckdb.CatalogException:
         raise WarehouseError(f"{path} is not an actwh warehouse (no actwh_meta table)") from None
     except duckdb.Error as e:
-        raise WarehouseError(f"{path} is corrupted: {one_line(e)}") from None
+        raise WarehouseError(one_line(e, path)) from None
     found = row[0] if row else None
     try:
         version = int(found)
@@ -400,6 +429,7 @@ class WarehouseWriter:
         self._last_commit = time.monotonic()
         self._staging: Path | None = None
         self._told_holder: str | None = None
+        self._locked_since: float | None = None
         self.commits = 0
         self.node_types, self.scalars = tuple(node_types), tuple(scalars)
         if not self.path.exists():
@@ -407,6 +437,7 @@ class WarehouseWriter:
         with self.connection() as con:
             check_version(con, self.path)
             self._migrate_enums(con)
+        self._remove_stale_staging()
 
     # -- creating and opening ---------------------------------------------------------------
 
@@ -504,43 +535,65 @@ class WarehouseWriter:
 
     # -- models, autoencoders, runs --------------------------------------------------------
 
+    def start_run(self, model: dict, saes: list[dict], **run) -> int:
+        """Register the model and autoencoders and create the run, in one transaction (and one
+        opening of the file): a run row never exists without them, nor they without it."""
+        with self.transaction() as con:
+            model_id = self._register_model(con, model)
+            run_id = self._create_run(con, model_id, **run)
+            for info in saes:
+                self._register_sae(con, model_id, info)
+        return run_id
+
     def register_model(self, info: dict) -> int:
         """The model's id, adding a row the first time these weights are seen."""
         with self.transaction() as con:
-            row = con.execute("SELECT model_id FROM models WHERE weights_sha256 = $sha "
-                              "AND source = $source",
-                              {"sha": info["weights_sha256"], "source": info["source"]}).fetchone()
-            if row:
-                return row[0]
-            model_id = con.execute("SELECT coalesce(max(model_id), 0) + 1 FROM models").fetchone()[0]
-            con.execute("INSERT INTO models VALUES ($id, $name, $source, $weights_sha256, $arch, "
-                        "$n_layers, $n_heads, $d_model, $d_head, $d_mlp, $d_vocab, $n_ctx, $config)",
-                        {**info, "id": model_id, "config": json.dumps(info["config"])})
-            return model_id
+            return self._register_model(con, info)
+
+    @staticmethod
+    def _register_model(con, info: dict) -> int:
+        row = con.execute("SELECT model_id FROM models WHERE weights_sha256 = $sha "
+                          "AND source = $source",
+                          {"sha": info["weights_sha256"], "source": info["source"]}).fetchone()
+        if row:
+            return row[0]
+        model_id = con.execute("SELECT coalesce(max(model_id), 0) + 1 FROM models").fetchone()[0]
+        con.execute("INSERT INTO models VALUES ($id, $name, $source, $weights_sha256, $arch, "
+                    "$n_layers, $n_heads, $d_model, $d_head, $d_mlp, $d_vocab, $n_ctx, $config)",
+                    {**info, "id": model_id, "config": json.dumps(info["config"])})
+        return model_id
 
     def register_sae(self, model_id: int, info: dict) -> int:
         """The autoencoder's id, adding a row the first time these weights are seen at this site."""
         with self.transaction() as con:
-            row = con.execute("SELECT sae_id FROM saes WHERE weights_sha256 = $sha AND site = $site "
-                              "AND model_id = $model",
-                              {"sha": info["weights_sha256"], "site": info["site"],
-                               "model": model_id}).fetchone()
-            if row:
-                return row[0]
-            sae_id = con.execute("SELECT coalesce(max(sae_id), 0) + 1 FROM saes").fetchone()[0]
-            con.execute("INSERT INTO saes VALUES ($id, $model, $site, $d_in, $d_sae, $source, "
-                        "$weights_sha256, $config)",
-                        {**info, "id": sae_id, "model": model_id, "config": json.dumps(info["config"])})
-            return sae_id
+            return self._register_sae(con, model_id, info)
+
+    @staticmethod
+    def _register_sae(con, model_id: int, info: dict) -> int:
+        row = con.execute("SELECT sae_id FROM saes WHERE weights_sha256 = $sha AND site = $site "
+                          "AND model_id = $model",
+                          {"sha": info["weights_sha256"], "site": info["site"],
+                           "model": model_id}).fetchone()
+        if row:
+            return row[0]
+        sae_id = con.execute("SELECT coalesce(max(sae_id), 0) + 1 FROM saes").fetchone()[0]
+        con.execute("INSERT INTO saes VALUES ($id, $model, $site, $d_in, $d_sae, $source, "
+                    "$weights_sha256, $config)",
+                    {**info, "id": sae_id, "model": model_id, "config": json.dumps(info["config"])})
+        return sae_id
 
     def create_run(self, model_id: int, **run) -> int:
         with self.transaction() as con:
-            run_id = con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()[0]
-            con.execute("INSERT INTO runs VALUES ($run_id, $model_id, $name, $created_at, NULL, "
-                        "'running', $target, $scalars, $selection, $code_version, $device, $dtype, "
-                        "$n_prompts, $options)",
-                        {**run, "run_id": run_id, "model_id": model_id, "created_at": _now(),
-                         "options": json.dumps(run["options"])})
+            return self._create_run(con, model_id, **run)
+
+    @staticmethod
+    def _create_run(con, model_id: int, **run) -> int:
+        run_id = con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()[0]
+        con.execute("INSERT INTO runs VALUES ($run_id, $model_id, $name, $created_at, NULL, "
+                    "'running', $target, $scalars, $selection, $code_version, $device, $dtype, "
+                    "$n_prompts, $options)",
+                    {**run, "run_id": run_id, "model_id": model_id, "created_at": _now(),
+                     "options": json.dumps(run["options"])})
         return run_id
 
     def run(self, run_id: int) -> dict:
@@ -639,12 +692,32 @@ class WarehouseWriter:
         self._last_commit = time.monotonic()
         if self._told_holder is not None and self.on_wait is not None:
             self.on_wait(f"{self.path} is free again; the held batches are written")
-        self._told_holder = None
+        self._told_holder = self._locked_since = None
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
 
+    def discard(self) -> None:
+        """Drop what is held (an interrupted run: the resume recomputes it) and its staging."""
+        self._pending.clear()
+        self._held_bytes = 0
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    def _remove_stale_staging(self) -> None:
+        """Staging folders of writers that were killed (their process is gone)."""
+        for folder in self.path.parent.glob(f".{self.path.name}.staging-*"):
+            pid = folder.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+
     def _tell(self, holder: str) -> None:
+        now = time.monotonic()
+        if self._locked_since is None:
+            self._locked_since = now
+        if now - self._locked_since < TELL_AFTER_S:  # a reader's brief query: not worth a word
+            return
         if self._told_holder != holder and self.on_wait is not None:
             where = f", spilling to {self._staging}" if self._staging else ""
             self.on_wait(f"{holder} holds {self.path}; computing on and holding finished batches "
@@ -731,15 +804,20 @@ class WarehouseWriter:
     def finish_run(self, run_id: int) -> str:
         """Commit what is held; mark the run complete if every prompt is in; return its status."""
         self.flush()
-        with self.transaction() as con:
-            n, expected = con.execute(
-                "SELECT (SELECT count(*) FROM prompts WHERE run_id = $run), n_prompts FROM runs "
-                "WHERE run_id = $run", {"run": run_id}).fetchone()
-            status = "complete" if n == expected else "running"
-            con.execute("UPDATE runs SET status = $status, finished_at = $at WHERE run_id = $run",
-                        {"status": status, "at": _now() if status == "complete" else None,
-                         "run": run_id})
         with self.connection() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                n, expected = con.execute(
+                    "SELECT (SELECT count(*) FROM prompts WHERE run_id = $run), n_prompts FROM runs "
+                    "WHERE run_id = $run", {"run": run_id}).fetchone()
+                status = "complete" if n == expected else "running"
+                con.execute("UPDATE runs SET status = $status, finished_at = $at WHERE run_id = $run",
+                            {"status": status, "at": _now() if status == "complete" else None,
+                             "run": run_id})
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
             con.execute("CHECKPOINT")
         return status
 
