@@ -11,3 +11,4 @@ PY="${PYTHON:-python}"
 "$PY" bench_queries.py
 "$PY" bench_populate.py
 "$PY" bench_evaluate.py
+"$PY" bench_views.py

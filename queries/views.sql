@@ -132,3 +132,8 @@ ORDER BY prompt_id;
 SELECT 'node_type' AS kind, unnest(enum_range(NULL::node_type)) :: VARCHAR AS name
 UNION ALL
 SELECT 'scalar', unnest(enum_range(NULL::scalar)) :: VARCHAR;
+
+-- name: view_open
+-- Nothing: the statement that opens the read-only connection a page's queries then share.
+-- params:
+SELECT 1 AS open;

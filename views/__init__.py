@@ -51,8 +51,9 @@ def circuit_title(pic) -> str:
 def circuit(wh, run: int, prompt: int, method: str = "influence", value: float | None = None,
             n: int = 50, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Picture:
     """The circuit `actwh circuit` finds (same method and thresholds), drawn as layers × tokens."""
-    f = _data.Fetcher(_data.open_warehouse(wh))
-    pic = _data.circuit(f, run, prompt, method, value, n, node_threshold, edge_threshold)
+    with _data.reading(wh) as w:
+        f = _data.Fetcher(w)
+        pic = _data.circuit(f, run, prompt, method, value, n, node_threshold, edge_threshold)
     svg = _draw.circuit_svg(pic)
     return Picture(circuit_title(pic), f'<div class="drawing">{svg}</div>', f.shown,
                    svg=_draw.circuit_svg(pic, standalone=True),
@@ -62,8 +63,9 @@ def circuit(wh, run: int, prompt: int, method: str = "influence", value: float |
 def attention(wh, run: int, prompt: int, layer: int | None = None, head: int | None = None,
               scalar: str = "attn_pattern") -> Picture:
     """One head's attention pattern (or another pair scalar) as a heatmap over the tokens."""
-    f = _data.Fetcher(_data.open_warehouse(wh))
-    att = _data.attention(f, run, prompt, layer, head, scalar)
+    with _data.reading(wh) as w:
+        f = _data.Fetcher(w)
+        att = _data.attention(f, run, prompt, layer, head, scalar)
     svg = _draw.heatmap_svg(att)
     return Picture(f"run {run} prompt {prompt}: {scalar} of L{att['layer']}H{att['head']}",
                    f'<div class="drawing">{svg}</div>', f.shown, svg=svg,
@@ -73,8 +75,9 @@ def attention(wh, run: int, prompt: int, layer: int | None = None, head: int | N
 def tokens(wh, run: int, prompt: int, scalar: str | None = None, layer: int | None = None,
            node_index: int | None = None) -> Picture:
     """The prompt's tokens coloured by a token-level scalar (summed over the chosen nodes)."""
-    f = _data.Fetcher(_data.open_warehouse(wh))
-    tv = _data.token_values(f, run, prompt, scalar, layer, node_index)
+    with _data.reading(wh) as w:
+        f = _data.Fetcher(w)
+        tv = _data.token_values(f, run, prompt, scalar, layer, node_index)
     which = "all nodes" if layer is None else f"layer {layer}" + (
         "" if node_index is None else f" index {node_index}")
     return Picture(f"run {run} prompt {prompt}: {tv['scalar']} ({which})", _draw.tokens_html(tv),

@@ -9,6 +9,7 @@ read-only for each query and retries briefly while a populate holds it.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -60,6 +61,11 @@ class Fetcher:
         self.shown.append(Shown(name, saved.sql, bound))
         return saved(self.wh, **params)
 
+    def show(self, name: str, **params) -> None:
+        """Record a saved query that library code (find_circuit) runs itself."""
+        saved = _queries()[name]
+        self.shown.append(Shown(name, saved.sql, saved.bind(**params)))
+
     def note(self, name: str, text: str, params: dict) -> None:
         """A step that is not SQL (circuit pruning in Python), shown beside the SQL."""
         self.shown.append(Shown(name, text, params))
@@ -81,6 +87,23 @@ def open_warehouse(wh, wait_s: float = 10.0):
     from actwh.warehouse.store import Warehouse
 
     return wh if hasattr(wh, "sql") else Warehouse(wh, wait_s=wait_s)
+
+
+@contextmanager
+def reading(wh, wait_s: float = 10.0):
+    """A Warehouse holding one read-only connection for a page's several queries (opening the
+    file costs more than a small query), closed at the end; a Warehouse given is used as is."""
+    if hasattr(wh, "sql"):
+        yield wh
+        return
+    from actwh.warehouse.store import Warehouse
+
+    w = Warehouse(wh, wait_s=wait_s)
+    try:
+        w.relation(_queries()["view_open"].sql)  # pins the connection later queries reuse
+        yield w
+    finally:
+        w.close()
 
 
 # --- runs and prompts --------------------------------------------------------------------------
@@ -214,9 +237,9 @@ def circuit(f: Fetcher, run: int, prompt: int, method: str = "influence",
     p = prompt_info(f, run, prompt)
     toks = f("prompt_tokens_list", run=run, prompt=prompt)
     if method == "reachable":
-        f("reachable_edges", run=run, prompt=prompt, threshold=value or 0.0)
+        f.show("reachable_edges", run=run, prompt=prompt, threshold=value or 0.0)
     else:
-        f("prompt_edges", run=run, prompt=prompt)
+        f.show("prompt_edges", run=run, prompt=prompt)
         step = {"threshold": f"keep edges with |value| >= {0.01 if value is None else value}",
                 "top-n": f"keep the {n} edges with the largest |value|",
                 "influence": f"influence pruning (circuit-tracer's rule): nodes at cumulative "

@@ -107,8 +107,9 @@ def write_circuit(db, run: int, prompt: int, fmt: str, output=None, **circuit_ar
     """`actwh circuit ... --format html|svg|circuit-tracer`: the file, or stdout without OUTPUT."""
     if fmt not in FORMATS:
         raise D.BadParameter(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    f = D.Fetcher(D.open_warehouse(db))
-    pic = D.circuit(f, run, prompt, **circuit_args)
+    with D.reading(db) as wh:
+        f = D.Fetcher(wh)
+        pic = D.circuit(f, run, prompt, **circuit_args)
     text = render_circuit(pic, fmt, f.shown)
     if output is None:
         import sys

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from actwh.errors import ActwhError, WarehouseError
 from actwh.views import data as D
+from actwh.warehouse.store import WarehouseLocked
 from actwh.views import draw
 
 log = logging.getLogger("actwh.views")
@@ -261,6 +262,10 @@ def _legend() -> str:
             'negative</span>, width by |value|. Click a node.</p>')
 
 
+# "circuit-drawn": the drawing is in the DOM; "circuit-painted": the first frame painted after it
+# (two animation frames later). benchmarks/bench_views.py reads both.
+PAINT_MARKS = ('performance.mark("circuit-drawn"); requestAnimationFrame(() => '
+               'requestAnimationFrame(() => performance.mark("circuit-painted")));')
 CIRCUIT_PARAMS = ("run", "prompt", "method", "threshold", "n", "node_threshold", "edge_threshold")
 
 
@@ -276,7 +281,7 @@ def circuit_page(wh, p: Params) -> str:
             f'<span id="n-edges">{pic.n_edges}</span> edges</p>'
             f'<div class="layout"><div id="circuit" class="drawing" data-run="{run}" '
             f'data-prompt="{prompt}">{svg}</div><div id="detail"></div></div>'
-            f'<script>performance.mark("circuit-drawn")</script>{draw.sql_block(f.shown)}')
+            f'<script>{PAINT_MARKS}</script>{draw.sql_block(f.shown)}')
     return page(f"Run {run} prompt {prompt}: {pic.method} circuit", body, {"run": run, "prompt": prompt})
 
 
@@ -339,7 +344,8 @@ API = {"/api/node": (node_api, ("run", "prompt", "layer", "node_type", "node_ind
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "actwh-view"
-    wh = None  # set per server class
+    db = None  # set per server (make_server): the warehouse file, opened read-only per request
+    wait_s = 5.0
 
     def log_message(self, fmt, *args):  # quiet by default; errors are logged below
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -374,20 +380,21 @@ class Handler(BaseHTTPRequestHandler):
                     return self._error(404, f"no static file {name!r}", False)
                 text = (files("actwh.views") / "static" / name).read_text(encoding="utf-8")
                 return self._send(200, text, STATIC[name])
-            if path in PAGES:
-                fn, allowed = PAGES[path]
-                return self._send(200, fn(self.wh, Params(url.query, allowed)))
-            if path in API:
-                fn, allowed = API[path]
-                out = fn(self.wh, Params(url.query, allowed))
-                return self._send(200, json.dumps(out, default=str), "application/json")
+            if path in PAGES or path in API:
+                fn, allowed = PAGES.get(path) or API[path]
+                params = Params(url.query, allowed)
+                with D.reading(self.db, self.wait_s) as wh:
+                    out = fn(wh, params)
+                if path in API:
+                    return self._send(200, json.dumps(out, default=str), "application/json")
+                return self._send(200, out)
             return self._error(404, f"no page {path!r}; pages: {', '.join(PAGES)}", api)
         except D.BadParameter as e:
             return self._error(400, str(e), api)
         except D.NotFound as e:
             return self._error(404, str(e), api)
         except WarehouseError as e:
-            if "locked" in str(e):
+            if isinstance(e, WarehouseLocked) or "is locked by" in str(e):
                 return self._error(503, "the warehouse is busy (a populate is writing); retry", api)
             if NOT_FOUND.search(str(e)):  # a value the file does not hold, named by the warehouse
                 return self._error(404, str(e).splitlines()[0], api)
@@ -404,8 +411,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(db, host: str = "127.0.0.1", port: int = 0, wait_s: float = 5.0) -> ThreadingHTTPServer:
     """A server over DB (not yet serving: call `serve_forever`). Port 0 picks a free port."""
-    wh = D.open_warehouse(db, wait_s=wait_s)
-    handler = type("BoundHandler", (Handler,), {"wh": wh})
+    D.open_warehouse(db, wait_s=wait_s)  # refuse a missing or foreign file before serving
+    handler = type("BoundHandler", (Handler,), {"db": str(db), "wait_s": wait_s})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
