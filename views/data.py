@@ -92,13 +92,18 @@ def open_warehouse(wh, wait_s: float = 10.0):
 @contextmanager
 def reading(wh, wait_s: float = 10.0):
     """A Warehouse holding one read-only connection for a page's several queries (opening the
-    file costs more than a small query), closed at the end; a Warehouse given is used as is."""
-    if hasattr(wh, "sql"):
-        yield wh
-        return
+    file costs more than a small query), closed at the end. Given a Warehouse, a copy of it pins
+    its own connection (so one object can serve several threads), unless it already holds one."""
+    import copy
+
     from actwh.warehouse.store import Warehouse
 
-    w = Warehouse(wh, wait_s=wait_s)
+    if not isinstance(wh, Warehouse):
+        wh = Warehouse(wh, wait_s=wait_s)
+    elif getattr(wh, "_con", None) is not None:  # the caller's own long-lived connection
+        yield wh
+        return
+    w = copy.copy(wh)
     try:
         w.relation(_queries()["view_open"].sql)  # pins the connection later queries reuse
         yield w

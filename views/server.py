@@ -344,8 +344,7 @@ API = {"/api/node": (node_api, ("run", "prompt", "layer", "node_type", "node_ind
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "actwh-view"
-    db = None  # set per server (make_server): the warehouse file, opened read-only per request
-    wait_s = 5.0
+    wh = None  # set per server (make_server); each request reads through its own connection
 
     def log_message(self, fmt, *args):  # quiet by default; errors are logged below
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -383,7 +382,7 @@ class Handler(BaseHTTPRequestHandler):
             if path in PAGES or path in API:
                 fn, allowed = PAGES.get(path) or API[path]
                 params = Params(url.query, allowed)
-                with D.reading(self.db, self.wait_s) as wh:
+                with D.reading(self.wh) as wh:
                     out = fn(wh, params)
                 if path in API:
                     return self._send(200, json.dumps(out, default=str), "application/json")
@@ -411,8 +410,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(db, host: str = "127.0.0.1", port: int = 0, wait_s: float = 5.0) -> ThreadingHTTPServer:
     """A server over DB (not yet serving: call `serve_forever`). Port 0 picks a free port."""
-    D.open_warehouse(db, wait_s=wait_s)  # refuse a missing or foreign file before serving
-    handler = type("BoundHandler", (Handler,), {"db": str(db), "wait_s": wait_s})
+    wh = D.open_warehouse(db, wait_s=wait_s)  # refuses a missing or foreign file before serving
+    handler = type("BoundHandler", (Handler,), {"wh": wh})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
