@@ -428,3 +428,37 @@ def evaluate(run, db, prompt_ids, method, sizes, baseline, node_threshold, circu
     click.echo(f"evaluation {result.eval_id}: {len(result.rows['prompt_id'])} rows -> {db}",
                err=True)
     render(Queries()["faithfulness_curve"](Warehouse(db), eval=result.eval_id), fmt)
+
+
+@cli.command()
+@click.argument("run", type=int)
+@db_option
+@click.option("--nodes", "nodes", default=None, metavar="top:N",
+              help="Measure each prompt's N top node attributions (per scalar), one at a time.")
+@click.option("--edges", "edges", default=None, metavar="top:N",
+              help="Measure each prompt's N top stored edges, one at a time.")
+@click.option("--baseline", type=click.Choice(["zero", "corrupt", "mean"]), default=None,
+              help="What a measured node or edge is patched to [default: zero for nodes, the "
+                   "run's edge baseline for edges].")
+@click.option("--scalars", default=None, metavar="A,B,...",
+              help="Node scalars whose predictions to measure [default: every act × grad "
+                   "scalar the run stored].")
+@click.option("--prompts", "prompt_ids", default="all", show_default=True, metavar="all|ID,...")
+@click.option("--batch-size", default=8, show_default=True, help="Prompts per patched pass.")
+@device_option
+@format_option
+def verify(run, db, nodes, edges, baseline, scalars, prompt_ids, batch_size, device, fmt) -> None:
+    """Measure RUN's top predicted node or edge effects by patching each alone."""
+    from actwh.evaluate import parse_prompt_ids
+    from actwh.queries.loader import Queries
+    from actwh.verify import parse_top, verify as run_verify
+    from actwh.warehouse.store import Warehouse
+
+    if (nodes is None) == (edges is None):
+        raise click.UsageError("give one of --nodes top:N or --edges top:N")
+    what, top = ("nodes", nodes) if nodes is not None else ("edges", edges)
+    names = tuple(s.strip() for s in scalars.split(",") if s.strip()) if scalars else None
+    eval_id = run_verify(db, run, what, parse_top(top), baseline, parse_prompt_ids(prompt_ids),
+                         names, batch_size, device)
+    click.echo(f"evaluation {eval_id} -> {db}", err=True)
+    render(Queries()["verify_agreement"](Warehouse(db), eval=eval_id), fmt)

@@ -266,3 +266,131 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
     hooks.append(("ln_final.hook_normalized", target_in))
     with torch.no_grad(), model.hooks(hooks):
         return model(batch.tokens, batch.mask)
+
+
+# --- node-level patching: activation patching of node writes ----------------------------------
+
+def node_sites(model: HookedTransformer, node_type: str, layer: int) -> list[tuple[str, bool]]:
+    """The hook sites holding a node type's activations in `layer`, each with whether its
+    third axis indexes the nodes (heads, neurons, latents) or the site is the whole node."""
+    if node_type == "attn_head":
+        return [(f"blocks.{layer}.attn.hook_z", True)]
+    if node_type == "mlp_neuron":
+        return [(f"blocks.{layer}.mlp.hook_post", True)]
+    if node_type == "mlp":
+        return [(f"blocks.{layer}.hook_mlp_out", False)]
+    if node_type == "embed":
+        return [(n, False) for n in _embed_sites(model)]
+    if node_type in ("sae_latent", "sae_error"):
+        from actwh.compute.sae import at
+
+        sae = at(model, layer)
+        if sae is None:
+            raise ActwhError(f"no autoencoder is spliced in layer {layer}")
+        if node_type == "sae_latent":
+            return [(f"{sae.info.prefix}.hook_latents", True)]
+        return [(f"{sae.info.prefix}.hook_error", False)]
+    raise ActwhError(f"cannot patch {node_type} nodes; patchable: attn_head, mlp_neuron, mlp, "
+                     "embed, sae_latent, sae_error")
+
+
+def node_masks(model: HookedTransformer, batch: Batch, nodes) -> dict[str, torch.Tensor]:
+    """Bool masks over each site's activations [b, p, (units)] from per-prompt node lists:
+    nodes[i] = [(layer, node_type, index, position or None for every position), ...]."""
+    b, p = batch.tokens.shape
+    masks: dict[str, torch.Tensor] = {}
+    for i, items in enumerate(nodes):
+        for layer, node_type, index, pos in items:
+            for site, units in node_sites(model, node_type, layer):
+                if site not in masks:
+                    model.hook_point(site)  # an unknown site raises
+                    masks[site] = torch.zeros(b, p, *([_units(model, site)] if units else []),
+                                              dtype=torch.bool, device=model.device)
+                m = masks[site][i]
+                where = slice(None) if pos is None else pos
+                if units:
+                    if not 0 <= index < m.shape[-1]:
+                        raise ActwhError(f"{node_type} {index} is out of range in layer {layer}")
+                    m[where, index] = True
+                else:
+                    m[where] = True
+    return masks
+
+
+def _units(model: HookedTransformer, site: str) -> int:
+    cfg = model.cfg
+    if site.endswith("attn.hook_z"):
+        return cfg.n_heads
+    if site.endswith("mlp.hook_post"):
+        return cfg.d_mlp
+    from actwh.compute.sae import spliced
+
+    for sae in spliced(model):
+        if site == f"{sae.info.prefix}.hook_latents":
+            return sae.info.d_sae
+    raise ActwhError(f"{site} has no node axis")
+
+
+def site_baselines(model: HookedTransformer, batch: Batch, sites, baseline) -> dict[str, torch.Tensor]:
+    """Baseline activations of `sites` for `batch`: "zero", corrupted token ids [b, p] (run with
+    the clean attention mask), or per-position means {site: [positions, ...]} (`mean_acts`)."""
+    sites = list(sites)
+    with torch.no_grad():
+        clean = model.run_with_cache(batch.tokens, sites, attention_mask=batch.mask).acts
+    if isinstance(baseline, str):
+        if baseline != "zero":
+            raise ActwhError(f"unknown baseline {baseline!r}")
+        return {s: torch.zeros_like(clean[s]) for s in sites}
+    if isinstance(baseline, dict):
+        pos = model.positions(batch.mask)
+        return {s: baseline[s].to(clean[s].dtype)[pos.clamp(max=baseline[s].shape[0] - 1)]
+                for s in sites}
+    if baseline.shape != batch.tokens.shape:
+        raise ActwhError("corrupted prompts must have as many tokens as their clean prompts")
+    with torch.no_grad():
+        return model.run_with_cache(baseline.to(model.device), sites, attention_mask=batch.mask).acts
+
+
+def mean_acts(model: HookedTransformer, batches: Iterable[Batch], sites) -> dict[str, torch.Tensor]:
+    """Per-position means over prompts of each site's activations (positions over real tokens,
+    as `mean_writes`). {site: [positions, ...]}"""
+    sites = list(sites)
+    total: dict[str, torch.Tensor] = {}
+    count = None
+    for batch in batches:
+        batch = batch.to(model.device)
+        with torch.no_grad():
+            acts = model.run_with_cache(batch.tokens, sites, attention_mask=batch.mask).acts
+        pos = model.positions(batch.mask)
+        n = int(pos.max()) + 1
+        real = batch.mask.bool()
+        grow = lambda t, n: t if t.shape[0] >= n else torch.cat(  # noqa: E731
+            [t, t.new_zeros(n - t.shape[0], *t.shape[1:])])
+        count = grow(torch.zeros(n, device=model.device) if count is None else count, n)
+        count.index_add_(0, pos[real], torch.ones(int(real.sum()), device=model.device))
+        for s in sites:
+            a = acts[s]
+            t = total.get(s)
+            t = grow(a.new_zeros(n, *a.shape[2:]) if t is None else t, n)
+            total[s] = t.index_add_(0, pos[real], a[real])
+    if count is None:
+        raise ActwhError("the mean baseline needs at least one prompt")
+    return {s: t / count.clamp(min=1).view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
+            for s, t in total.items()}
+
+
+def run_nodes_patched(model: HookedTransformer, batch: Batch, masks: dict[str, torch.Tensor],
+                      base: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits with the masked activations of each site replaced by the baseline's (activation
+    patching of node writes: a head's z, a neuron's post-activation, a latent, an MLP's output,
+    the embeddings), everything downstream recomputed. masks: `node_masks`; base:
+    `site_baselines` of at least the masked sites."""
+    batch = batch.to(model.device)
+
+    def patch(t, name):
+        m = masks[name]
+        while m.dim() < t.dim():
+            m = m.unsqueeze(-1)
+        return torch.where(m, base[name].to(t.dtype), t)
+    with torch.no_grad(), model.hooks([(s, patch) for s in masks]):
+        return model(batch.tokens, batch.mask)

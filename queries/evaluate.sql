@@ -63,3 +63,25 @@ SELECT rank() OVER (ORDER BY avg(p.auc) DESC) AS rank,
 FROM per_prompt p JOIN runs r USING (run_id)
 GROUP BY p.run_id, p.eval_id, p.method, r.options
 ORDER BY rank, p.run_id, p.method;
+
+-- name: verify_agreement
+-- Predicted against measured effects per predictor (node scalar or edge method): correlation, sign agreement, mean |error| (one `actwh verify`: eval, or the run's latest).
+-- params: eval = NULL, run = NULL
+WITH chosen AS (
+    SELECT coalesce(CAST($eval AS INTEGER),
+                    (SELECT max(eval_id) FROM evaluations
+                     WHERE run_id = CAST($run AS INTEGER)
+                       AND json_extract_string(options, '$.kind') = 'verify')) AS eval_id
+), effects AS (
+    SELECT eval_id, run_id, scalar AS predictor, baseline, predicted, measured FROM node_effects
+    UNION ALL
+    SELECT eval_id, run_id, method AS predictor, baseline, predicted, measured FROM edge_effects
+)
+SELECT eval_id, run_id, predictor, baseline, count(*) AS n,
+       corr(predicted, measured) AS correlation,
+       avg(CASE WHEN sign(predicted) = sign(measured) THEN 1.0 ELSE 0.0 END) AS sign_agreement,
+       avg(abs(predicted - measured)) AS mean_abs_error
+FROM effects
+WHERE eval_id = (SELECT eval_id FROM chosen)
+GROUP BY eval_id, run_id, predictor, baseline
+ORDER BY predictor;

@@ -148,10 +148,46 @@ def add_eval_tables(md: sa.MetaData) -> sa.MetaData:
              sa.Column("baseline", sa.String, nullable=False),  # corrupt | zero | mean
              sa.Column("metric", sa.Float, nullable=False),
              sa.Column("faithfulness", sa.Float))  # NULL when clean = baseline
+    sa.Table("node_effects", md,  # actwh verify --nodes: one row per measured node
+             sa.Column("eval_id", sa.Integer, nullable=False),
+             sa.Column("run_id", sa.Integer, nullable=False),
+             sa.Column("prompt_id", sa.Integer, nullable=False),
+             sa.Column("position", sa.Integer, nullable=False),
+             sa.Column("layer", sa.Integer, nullable=False),
+             sa.Column("node_type", sa.String, nullable=False),
+             sa.Column("node_index", sa.Integer, nullable=False),
+             sa.Column("scalar", sa.String, nullable=False),  # the prediction's scalar
+             sa.Column("baseline", sa.String, nullable=False),
+             sa.Column("predicted", sa.Float, nullable=False),
+             sa.Column("measured", sa.Float, nullable=False))  # clean − patched metric
+    sa.Table("edge_effects", md,  # actwh verify --edges: one row per measured edge
+             sa.Column("eval_id", sa.Integer, nullable=False),
+             sa.Column("run_id", sa.Integer, nullable=False),
+             sa.Column("prompt_id", sa.Integer, nullable=False),
+             *(sa.Column(c, t, nullable=n) for c, t, n in (
+                 ("up_layer", sa.Integer, False), ("up_type", sa.String, False),
+                 ("up_index", sa.Integer, False), ("down_layer", sa.Integer, False),
+                 ("down_type", sa.String, False), ("down_index", sa.Integer, False),
+                 ("down_input", sa.String, True))),
+             sa.Column("method", sa.String, nullable=False),  # the run's edge method (EAP, EAP-IG)
+             sa.Column("baseline", sa.String, nullable=False),
+             sa.Column("predicted", sa.Float, nullable=False),
+             sa.Column("measured", sa.Float, nullable=False))
+    sa.Table("circuits", md,  # actwh circuit --save: stored circuits, read by id
+             sa.Column("circuit_id", sa.Integer, primary_key=True, autoincrement=False),
+             sa.Column("run_id", sa.Integer, nullable=False),
+             sa.Column("method", sa.String, nullable=False),  # threshold | top-n | influence
+             sa.Column("params", sa.JSON, nullable=False),  # thresholds, n
+             sa.Column("prompts", sa.JSON, nullable=False),  # the prompt ids averaged over
+             sa.Column("n_edges", sa.Integer, nullable=False),
+             sa.Column("n_nodes", sa.Integer, nullable=False),
+             sa.Column("nodes", sa.JSON, nullable=False),  # [{layer, node_type, node_index}]
+             sa.Column("edges", sa.JSON, nullable=False),  # [{up_*, down_*, down_input, value}]
+             sa.Column("created_at", sa.DateTime, nullable=False))
     return md
 
 
-EVAL_TABLES = ("evaluations", "circuit_evals")
+EVAL_TABLES = ("evaluations", "circuit_evals", "node_effects", "edge_effects", "circuits")
 
 
 def create_missing_tables(con) -> None:

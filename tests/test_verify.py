@@ -1,0 +1,109 @@
+"""`actwh verify`: each measured effect equals a hand-written ablation or patch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from actwh.cli.main import cli
+from actwh.compute.loading import load_model
+from actwh.queries.loader import Queries
+from actwh.runner import EdgeOptions, PopulateOptions, populate
+from actwh.verify import verify
+from actwh.warehouse.store import Warehouse
+
+from conftest import write_prompts
+from test_evaluate import ROWS, reference_metric
+
+
+@pytest.fixture(scope="module")
+def wh_verify(tmp_path_factory, gpt2_dir):
+    folder = tmp_path_factory.mktemp("verify")
+    prompts = write_prompts(folder / "p.jsonl", ROWS)
+    db = folder / "wh.duckdb"
+    populate(db, PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), batch_size=3, select="dense",
+                                 scalars=("attn_act_times_grad", "mlp_act_times_grad",
+                                          "token_attribution"),
+                                 edges=EdgeOptions(baseline="corrupt", select="dense")), progress=False)
+    return db, gpt2_dir
+
+
+def metric(logits, tok, row):
+    t, d = (tok(row[k], add_special_tokens=False).input_ids[0] for k in ("target", "distractor"))
+    return float(logits[0, -1, t] - logits[0, -1, d])
+
+
+def test_node_effects_equal_hand_written_ablations(wh_verify):
+    db, folder = wh_verify
+    eval_id = verify(db, 1, "nodes", 3, prompts=(0, 2), batch_size=2)
+    wh = Warehouse(db)
+    rows = wh.sql("SELECT * FROM node_effects WHERE eval_id = $e", e=eval_id)
+    assert sorted(rows["scalar"].unique().to_list()) == ["attn_act_times_grad",
+                                                         "mlp_act_times_grad", "token_attribution"]
+    assert rows.height == 2 * 3 * 3
+    loaded = load_model(folder, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    for r in rows.iter_rows(named=True):
+        row = ROWS[r["prompt_id"]]
+        ids = torch.tensor([tok(row["text"]).input_ids])
+        L, i, p = r["layer"], r["node_index"], r["position"]
+
+        def zero(t, name):
+            t = t.clone()
+            if r["node_type"] == "embed":
+                t[0, p] = 0
+            else:
+                t[0, p, i] = 0
+            return t
+        site = {"attn_head": [f"blocks.{L}.attn.hook_z"], "mlp_neuron": [f"blocks.{L}.mlp.hook_post"],
+                "embed": ["hook_embed", "hook_pos_embed"]}[r["node_type"]]
+        with torch.no_grad():
+            clean = metric(model(ids), tok, row)
+            with model.hooks([(s, zero) for s in site]):
+                ablated = metric(model(ids), tok, row)
+        assert r["measured"] == pytest.approx(clean - ablated, abs=1e-4)
+        with Warehouse(db).connection() as con:
+            stored = con.execute("SELECT value FROM node_scalars WHERE run_id = 1 AND prompt_id = $p "
+                                 "AND scalar = $s AND layer = $l AND node_index = $i AND "
+                                 "position = $pos", {"p": r["prompt_id"], "s": r["scalar"], "l": L,
+                                                     "i": i, "pos": p}).fetchone()[0]
+        assert r["predicted"] == pytest.approx(stored)
+    agree = Queries()["verify_agreement"](wh, eval=eval_id)
+    assert agree.height == 3 and agree["n"].to_list() == [6, 6, 6]
+
+
+def test_edge_effects_equal_transformers_reference(wh_verify):
+    db, folder = wh_verify
+    eval_id = verify(db, 1, "edges", 2, prompts=(1, 3))
+    wh = Warehouse(db)
+    rows = wh.sql("SELECT * FROM edge_effects WHERE eval_id = $e", e=eval_id)
+    assert rows.height == 4 and set(rows["baseline"]) == {"corrupt"}
+    assert set(rows["method"]) == {"EAP"}
+    for r in rows.iter_rows(named=True):
+        edges = wh.sql("SELECT up_layer, up_type::VARCHAR, up_index, down_layer, "
+                       "down_type::VARCHAR, down_index, down_input::VARCHAR, value FROM edges "
+                       "WHERE run_id = 1 AND prompt_id = $p", p=r["prompt_id"]).rows()
+        key = (r["up_layer"], r["up_type"], r["up_index"], r["down_layer"], r["down_type"],
+               r["down_index"], r["down_input"])
+        others = [e for e in edges if tuple(e[:7]) != key]
+        assert len(others) == len(edges) - 1
+        row = ROWS[r["prompt_id"]]
+        clean = reference_metric(folder, row, edges, corrupt=True)
+        assert r["measured"] == pytest.approx(clean - reference_metric(folder, row, others, True),
+                                              abs=1e-4)
+        top = sorted(edges, key=lambda e: -abs(e[-1]))[:2]
+        assert key in [tuple(e[:7]) for e in top]
+
+
+def test_verify_refuses_bad_input(wh_verify):
+    db, _ = wh_verify
+    runner = CliRunner()
+    for args, message in [(["verify", "1"], "one of --nodes"),
+                          (["verify", "1", "--nodes", "top:0"], "top:N"),
+                          (["verify", "1", "--nodes", "3"], "top:N"),
+                          (["verify", "1", "--nodes", "top:2", "--scalars", "attn_pattern"],
+                           "did not store"),
+                          (["verify", "7", "--edges", "top:2"], "no run 7")]:
+        out = runner.invoke(cli, [*args, "--db", str(db)])
+        assert out.exit_code != 0 and message in out.output, (args, out.output)
