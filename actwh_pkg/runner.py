@@ -114,6 +114,8 @@ class PopulateOptions:
     detach_ln: bool = False  # freeze every norm scale in the backward pass (scalars; not edges)
     edges: EdgeOptions | None = None  # None: no edges
     saes: tuple[tuple[str, str | None], ...] = ()  # (folder, site override) to splice in
+    baseline: str = "zero"  # `*_attribution` scalars: zero | corrupt | mean
+    ig_steps: int = 0  # `*_attribution` scalars: integration points (0: gradient at clean)
 
     @staticmethod
     def sae_pairs(folders, sites=()) -> tuple[tuple[str, str | None], ...]:
@@ -161,6 +163,10 @@ class PopulateOptions:
                 raise ActwhError(f"SAE site must be a hook name, not {site!r}")
         if self.edges is not None:
             self.edges.validate(has_saes=bool(self.saes))
+        if self.baseline not in ("zero", "corrupt", "mean"):
+            raise ActwhError(f"unknown --baseline {self.baseline!r}; valid: zero, corrupt, mean")
+        if not _is_int(self.ig_steps) or self.ig_steps < 0:
+            raise ActwhError(f"--ig-steps must be a whole number >= 0, not {self.ig_steps!r}")
 
     def to_json(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -344,8 +350,12 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
             saes.append(sae)
     sae_shas = [s.info.weights_sha256 for s in saes]
     saes.sort(key=lambda s: s.info.layer)
+    from actwh.compute.attribution import ATTRIBUTIONS
+
+    attributing = any(s in ATTRIBUTIONS for s in scalars)
     encoded = encode_all(loaded, prompts, target, opts.prepend_bos,
-                         need_corrupt=opts.edges is not None and opts.edges.baseline == "corrupt")
+                         need_corrupt=opts.edges is not None and opts.edges.baseline == "corrupt"
+                         or attributing and opts.baseline == "corrupt")
     unk = loaded.tokenizer.unk_token_id
     if unk is not None:
         n_unk = sum(e.ids.count(unk) for e in encoded)
@@ -398,11 +408,12 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     start, rows, n_tokens = time.monotonic(), {"node_scalars": 0, "pair_scalars": 0}, 0
     token_text: dict[int, str] = {}
     needed = selection.scalars_needed(scalars)
+    node_baseline = attribution_baseline(loaded, encoded, scalars, opts) if attributing else None
     try:
         for i in range(0, len(pending), opts.batch_size):
             chunk = pending[i:i + opts.batch_size]
             tables = compute_batch(loaded, chunk, target, needed, scalars, selection, opts.detach_ln,
-                                   run_id, token_text, opts.edges)
+                                   run_id, token_text, opts.edges, node_baseline)
             writer.queue_batch(run_id, tables)
             for t in rows:
                 rows[t] += tables[t].num_rows
@@ -418,9 +429,27 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
                           n_tokens, rows, commits=writer.commits)
 
 
+def attribution_baseline(loaded, encoded, scalars, opts) -> tuple:
+    """(baseline, ig_steps) for `*_attribution` scalars; the mean baseline's per-position means
+    are taken once, over all the run's prompts."""
+    if opts.baseline != "mean":
+        return opts.baseline, opts.ig_steps
+    from actwh.compute.attribution import ATTRIBUTIONS, attribution_sites
+    from actwh.compute.patching import mean_acts
+    from actwh.compute.targets import Batch
+
+    sites = {s for v in attribution_sites(
+        loaded.model, [s for s in scalars if s in ATTRIBUTIONS]).values() for s in v}
+    sites |= {n for n in ("hook_embed", "hook_pos_embed") if n in loaded.model.hook_points}
+    pad = loaded.tokenizer.pad_token_id or 0
+    batches = (Batch.from_ids([e.ids for e in encoded[i:i + opts.batch_size]], pad)
+               for i in range(0, len(encoded), opts.batch_size))
+    return mean_acts(loaded.model, batches, sorted(sites)), opts.ig_steps
+
+
 def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selection, detach_ln,
                   run_id: int, token_text: dict[int, str],
-                  edges: EdgeOptions | None = None) -> dict[str, pa.Table]:
+                  edges: EdgeOptions | None = None, node_baseline=None) -> dict[str, pa.Table]:
     """Compute one batch and shape it into the Arrow tables the warehouse appends."""
     from actwh import rows
     from actwh.compute.sae import spliced
@@ -432,7 +461,11 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
                            [e.target for e in chunk] if chunk[0].target is not None else None,
                            [e.distractor for e in chunk] if chunk[0].distractor is not None else None,
                            [e.position for e in chunk])
-    res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln)
+    base, steps = node_baseline or ("zero", 0)
+    if isinstance(base, str) and base == "corrupt":
+        base = Batch.from_ids([e.corrupt for e in chunk], loaded.tokenizer.pad_token_id or 0).tokens
+    res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln,
+                          node_baseline=base, ig_steps=steps)
     prompt_ids = np.array([e.prompt_id for e in chunk], dtype=np.int32)
     sae_layers = tuple(s.info.layer for s in spliced(loaded.model))
     cols = rows.node_columns(select_nodes(res, scalars, selection, sae_layers), prompt_ids, res.mask)

@@ -19,6 +19,8 @@ from actwh.errors import ActwhError
 
 NODE_SCALARS = ("attn_act_times_grad", "mlp_act_times_grad", "mlp_layer_act_times_grad",
                 "token_attribution", "sae_act_times_grad", "sae_error_act_times_grad")
+INSERT_SQL = {"node_effects": "INSERT INTO node_effects BY NAME SELECT * FROM effect_rows",
+              "edge_effects": "INSERT INTO edge_effects BY NAME SELECT * FROM effect_rows"}
 PATCHABLE = ("embed", "attn_head", "mlp", "mlp_neuron", "sae_latent", "sae_error")
 
 
@@ -184,6 +186,6 @@ def write_effects(db, run_id: int, what: str, baseline: str, rows: list[dict], p
                                    pa.string())})
             name = "edge_effects"
         con.register("effect_rows", table)
-        con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM effect_rows")  # name: a constant
+        con.execute(INSERT_SQL[name])
         con.unregister("effect_rows")
     return eval_id

@@ -151,11 +151,14 @@ PARAM_HELP = ("Bind $K to V (repeatable); never pasted into the SQL. V binds as 
               help="Group finished batches into one commit at most this often (0: each batch "
                    "its own commit).")
 @click.option("--top", default=10, show_default=True, help="Attributions to print at the end.")
+@click.option("--baseline", "node_baseline", type=click.Choice(["zero", "corrupt", "mean"]),
+              default="zero", show_default=True,
+              help="Baseline of the *_attribution scalars (--ig-steps integrates to it too).")
 @click.pass_context
 def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select, batch_size, device,
              dtype, name, prepend_bos, detach_ln, resume, edges, edges_baseline, ig_steps,
              edges_select, edges_positions, edges_into, sae_dirs, sae_sites, commit_seconds,
-             top) -> None:
+             top, node_baseline) -> None:
     """Run the model over PROMPTS (.txt or .jsonl) and load scalars into the warehouse.
 
     A populate never gives up on a file someone else holds open: it keeps computing, holds the
@@ -179,9 +182,13 @@ def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select,
             raise click.UsageError(f"--resume continues a run with its stored options; remove "
                                    f"{', '.join(others)}")
     else:
+        from actwh.compute.attribution import ATTRIBUTIONS
+
+        attributing = bool(set(ATTRIBUTIONS) & set((scalars or "").split(","))) or all_scalars
         if not (edges or edges_into):
             loose = [p.opts[0] for p in given if p.name in
-                     ("edges_baseline", "ig_steps", "edges_select", "edges_positions")]
+                     ("edges_baseline", "ig_steps", "edges_select", "edges_positions")
+                     and not (attributing and p.name == "ig_steps")]
             if loose:
                 raise click.UsageError(f"{', '.join(loose)} applies to edges: add --edges or "
                                        "--edges-into")
@@ -203,7 +210,8 @@ def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select,
                                select=select or DEFAULT_SELECTION, batch_size=batch_size,
                                device=device, dtype=dtype, name=name, prepend_bos=prepend_bos,
                                detach_ln=detach_ln, edges=edge_opts,
-                               saes=PopulateOptions.sae_pairs(sae_dirs, sae_sites))
+                               saes=PopulateOptions.sae_pairs(sae_dirs, sae_sites),
+                               baseline=node_baseline, ig_steps=ig_steps if attributing else 0)
     if commit_seconds < 0:
         raise click.BadParameter("must be >= 0", param_hint="--commit-seconds")
     result = run(db, opts, resume=resume, on_wait=lambda msg: click.echo(msg, err=True),
@@ -221,7 +229,13 @@ def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select,
         from actwh.warehouse.store import Warehouse
 
         with Warehouse(db) as wh:
-            render(Queries()["run_top_attributions"](wh, run=result.run_id, k=top), "table")
+            ranked = most_faithful(wh, result.run_id)
+            if ranked is None:
+                render(Queries()["run_top_attributions"](wh, run=result.run_id, k=top), "table")
+            else:
+                click.echo(f"ranked by {', '.join(ranked[0])}: {ranked[1]}", err=True)
+                render(Queries()["run_top_by_scalars"](wh, run=result.run_id, scalars=ranked[0],
+                                                       k=top), "table")
 
 
 @cli.command()
@@ -317,7 +331,7 @@ def query(name, db, params, fmt) -> None:
 
 @cli.command()
 @click.argument("run", type=int)
-@click.argument("prompt", type=int)
+@click.argument("prompt", type=int, required=False)
 @db_option
 @click.option("--method", type=click.Choice(["threshold", "top-n", "reachable", "influence"]),
               default="influence", show_default=True, help="How edges are chosen.")
@@ -336,9 +350,15 @@ def query(name, db, params, fmt) -> None:
                    "graph JSON (written to --output, else printed).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="File for --format html|svg|circuit-tracer.")
+@click.option("--prompts", "prompt_ids", default=None, metavar="all|ID,...",
+              help="A circuit over prompts: edges averaged over them (mean) before filtering.")
+@click.option("--save", is_flag=True, help="Store the circuit (over --prompts) in `circuits`.")
 def circuit(run, prompt, db, method, value, n, node_threshold, edge_threshold, dot, json_path,
-            fmt, output) -> None:
+            fmt, output, prompt_ids=None, save=False) -> None:
     """Filter the edges of one prompt of RUN into a circuit and print its edges."""
+    if prompt_ids is not None or prompt is None or save:
+        return dataset_circuit_command(db, run, prompt, prompt_ids, method, value, n,
+                                       node_threshold, edge_threshold, save, fmt)
     import json
 
     from actwh.queries.circuit import find_circuit
@@ -462,3 +482,46 @@ def verify(run, db, nodes, edges, baseline, scalars, prompt_ids, batch_size, dev
                          names, batch_size, device)
     click.echo(f"evaluation {eval_id} -> {db}", err=True)
     render(Queries()["verify_agreement"](Warehouse(db), eval=eval_id), fmt)
+
+
+def dataset_circuit_command(db, run, prompt, prompt_ids, method, value, n, node_threshold,
+                            edge_threshold, save, fmt) -> None:
+    """`actwh circuit RUN --prompts all|ID,... [--save]`: a circuit over prompts."""
+    from actwh.evaluate import parse_prompt_ids
+    from actwh.queries.circuits import dataset_circuit, save_circuit
+    from actwh.warehouse.store import Warehouse
+
+    if prompt is not None and prompt_ids is not None:
+        raise click.UsageError("give PROMPT or --prompts, not both")
+    if prompt is None and prompt_ids is None:
+        raise click.UsageError("give PROMPT or --prompts all|ID,...")
+    if fmt not in ("table", "csv", "json", "parquet"):
+        raise click.UsageError(f"--format {fmt} draws one prompt's circuit; a circuit over "
+                               "--prompts prints as table, csv, json or parquet")
+    ids = [prompt] if prompt is not None else parse_prompt_ids(prompt_ids)
+    found, used = dataset_circuit(Warehouse(db), run, None if ids is None else list(ids), method,
+                                  value, n, node_threshold, edge_threshold)
+    if save:
+        params = {"threshold": value, "n": n, "node_threshold": node_threshold,
+                  "edge_threshold": edge_threshold}
+        cid = save_circuit(db, run, found, method, params, used)
+        click.echo(f"circuit {cid}: {found.edges.height} edges over {len(used)} prompts -> {db}",
+                   err=True)
+    render(found.edges.select("up_label", "down_label", "down_input", "value"), fmt)
+
+
+def most_faithful(wh, run_id: int):
+    """The closing table's ranking: the run's `*_attribution` scalars when it requested any (their
+    baseline and integrated gradients are what make them more faithful than act × grad), with a
+    line saying which; None: rank by act × grad as before."""
+    from actwh.compute.attribution import ATTRIBUTIONS
+    from actwh.evaluate import read_run
+
+    run = read_run(wh, run_id)
+    names = [s for s in run["scalars"].split(",") if s in ATTRIBUTIONS]
+    if not names:
+        return None
+    opts = run["options"]
+    steps = opts.get("ig_steps") or 0
+    how = f"{opts.get('baseline', 'zero')} baseline" + (f", {steps} IG steps" if steps else "")
+    return names, f"the most faithful attributions requested ({how}), not act × grad"

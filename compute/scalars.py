@@ -260,6 +260,15 @@ SAE_SCALARS = [
 ]
 SCALARS.update({s.name: s for s in SAE_SCALARS})
 
+
+def _attribution_scalars():
+    from actwh.compute.attribution import attribution_scalars
+
+    return attribution_scalars()
+
+
+SCALARS.update({s.name: s for s in _attribution_scalars()})  # compute/attribution.py
+
 # How nodes of each type are ranked when a selection names another type's scalar.
 RANKING = {"mlp_neuron": "mlp_act_times_grad", "attn_head": "attn_act_times_grad",
            "mlp": "mlp_layer_act_times_grad", "embed": "token_attribution",
@@ -322,8 +331,11 @@ def detach_ln_hooks(model: HookedTransformer):
 
 
 def compute_scalars(model: HookedTransformer, batch: Batch, target: str | Target, names,
-                    detach_ln: bool = False) -> ScalarResults:
-    """Run one forward (and, if any scalar needs gradients, one backward) pass and derive `names`."""
+                    detach_ln: bool = False, node_baseline="zero", ig_steps: int = 0) -> ScalarResults:
+    """Run one forward (and, if any scalar needs gradients, one backward) pass and derive `names`.
+
+    `*_attribution` scalars take their own passes (compute/attribution.py) with `node_baseline`
+    ("zero", corrupted token ids or per-position means) and `ig_steps`."""
     target = get_target(target) if isinstance(target, str) else target
     plan = Plan.make(model, names)
     batch = batch.to(model.device)
@@ -333,6 +345,11 @@ def compute_scalars(model: HookedTransformer, batch: Batch, target: str | Target
         backward_of=(lambda logits: target.metric(logits, batch).sum()) if plan.bwd else None,
         grad_names=sorted(plan.bwd), fwd_hooks=detach_ln_hooks(model) if detach_ln else ())
     ctx = Ctx(model, batch, target, cache)
+    from actwh.compute.attribution import ATTRIBUTIONS, node_attributions
+
+    wanted = [n for n in plan.scalars if n in ATTRIBUTIONS]
+    ctx.attributions = node_attributions(model, batch, target, wanted, node_baseline,
+                                         ig_steps) if wanted else {}
     token, pair = {}, {}
     with torch.no_grad():
         for name in plan.scalars:

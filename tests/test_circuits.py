@@ -7,6 +7,9 @@ from collections import defaultdict
 
 import duckdb
 import pytest
+from click.testing import CliRunner
+
+from actwh.cli.main import cli
 from actwh.evaluate import EvalOptions, evaluate
 from actwh.queries.circuits import dataset_circuit, mean_edges, read_circuit, save_circuit
 from actwh.warehouse.store import Warehouse
@@ -71,3 +74,24 @@ def test_stored_circuit_round_trip_and_evaluation(wh_eval, tmp_path):  # noqa: F
     for r in rows.iter_rows(named=True):
         ref = reference_metric(folder, ROWS[r["prompt_id"]], kept, corrupt=True)
         assert r["metric"] == pytest.approx(ref, abs=1e-4)
+
+
+def test_circuit_cli_over_prompts_saves_and_refuses(wh_eval, tmp_path):  # noqa: F811
+    import shutil
+
+    db = tmp_path / "wh.duckdb"
+    shutil.copy(wh_eval[0], db)
+    runner = CliRunner()
+    out = runner.invoke(cli, ["circuit", "1", "--prompts", "0,2", "--method", "top-n", "-n", "5",
+                              "--save", "--db", str(db)])
+    assert out.exit_code == 0, out.output
+    assert "circuit 1" in out.output
+    assert read_circuit(Warehouse(db), 1).edges.height == 5
+    out = runner.invoke(cli, ["evaluate", "1", "--circuit", "1", "--prompts", "1", "--db", str(db)])
+    assert out.exit_code == 0, out.output
+    for args, message in [(["circuit", "1", "--prompts", "0,9"], "no prompt 9"),
+                          (["circuit", "1", "--prompts", "0", "--method", "reachable"], "not 'reachable'"),
+                          (["circuit", "1"], "PROMPT or --prompts"),
+                          (["evaluate", "1", "--circuit", "5"], "no circuit 5")]:
+        out = runner.invoke(cli, [*args, "--db", str(db)])
+        assert out.exit_code != 0 and message in out.output, (args, out.output)
