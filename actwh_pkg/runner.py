@@ -206,6 +206,7 @@ class PopulateResult:
     rows: dict = field(default_factory=dict)
     already_complete: bool = False  # a resume of a run that was complete: nothing was done
     commits: int = 0  # transactions the batches took (small batches share one)
+    completeness: dict = field(default_factory=dict)  # *_attribution: mean Σ and Δmetric
 
 
 def default_target(prompts) -> str:
@@ -409,11 +410,12 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     token_text: dict[int, str] = {}
     needed = selection.scalars_needed(scalars)
     node_baseline = attribution_baseline(loaded, encoded, scalars, opts) if attributing else None
+    sums: dict = {}  # Σ attributions and Δmetric over the prompts of this call
     try:
         for i in range(0, len(pending), opts.batch_size):
             chunk = pending[i:i + opts.batch_size]
             tables = compute_batch(loaded, chunk, target, needed, scalars, selection, opts.detach_ln,
-                                   run_id, token_text, opts.edges, node_baseline)
+                                   run_id, token_text, opts.edges, node_baseline, sums)
             writer.queue_batch(run_id, tables)
             for t in rows:
                 rows[t] += tables[t].num_rows
@@ -426,7 +428,8 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
         writer.discard()  # committed batches stay; a resume recomputes the held ones
         raise
     return PopulateResult(run_id, status, len(encoded), len(pending), time.monotonic() - start,
-                          n_tokens, rows, commits=writer.commits)
+                          n_tokens, rows, commits=writer.commits,
+                          completeness={k: v / len(pending) for k, v in sums.items()})
 
 
 def attribution_baseline(loaded, encoded, scalars, opts) -> tuple:
@@ -449,7 +452,8 @@ def attribution_baseline(loaded, encoded, scalars, opts) -> tuple:
 
 def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selection, detach_ln,
                   run_id: int, token_text: dict[int, str],
-                  edges: EdgeOptions | None = None, node_baseline=None) -> dict[str, pa.Table]:
+                  edges: EdgeOptions | None = None, node_baseline=None,
+                  sums: dict | None = None) -> dict[str, pa.Table]:
     """Compute one batch and shape it into the Arrow tables the warehouse appends."""
     from actwh import rows
     from actwh.compute.sae import spliced
@@ -466,6 +470,9 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
         base = Batch.from_ids([e.corrupt for e in chunk], loaded.tokenizer.pad_token_id or 0).tokens
     res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln,
                           node_baseline=base, ig_steps=steps)
+    if sums is not None:
+        for k, v in res.completeness.items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum())
     prompt_ids = np.array([e.prompt_id for e in chunk], dtype=np.int32)
     sae_layers = tuple(s.info.layer for s in spliced(loaded.model))
     cols = rows.node_columns(select_nodes(res, scalars, selection, sae_layers), prompt_ids, res.mask)

@@ -224,6 +224,12 @@ def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select,
         click.echo(f"run {result.run_id}: {result.status}, {result.n_written} prompts written "
                    f"({result.rows['node_scalars']:,} node rows, {result.rows['pair_scalars']:,} "
                    f"pair rows) in {result.seconds:.1f}s -> {db}", err=True)
+        if result.completeness:
+            c = dict(result.completeness)
+            delta = c.pop("delta")
+            sums = ", ".join(f"Σ {k} {v:.4g}" for k, v in c.items())
+            click.echo(f"completeness (mean per prompt): {sums}; Δmetric (clean − baseline input) "
+                       f"{delta:.4g}", err=True)
     if top:
         from actwh.queries.loader import Queries
         from actwh.warehouse.store import Warehouse

@@ -52,12 +52,16 @@ def attribution_sites(model: HookedTransformer, names) -> dict[str, list[str]]:
 
 
 def node_attributions(model: HookedTransformer, batch: Batch, target: str | Target, names,
-                      baseline="zero", ig_steps: int = 0) -> dict[str, torch.Tensor]:
+                      baseline="zero", ig_steps: int = 0,
+                      completeness: dict | None = None) -> dict[str, torch.Tensor]:
     """Attribution scalars as [batch, pos, slots, units] (slots: layers, autoencoders, or 1 for
     the embedding; units: heads, neurons, latents, or 1).
 
     baseline: "zero", corrupted token ids [b, p], or per-position means {site: [positions, ...]}
     (`actwh.compute.patching.mean_acts` over the run's prompts, including the embedding sites).
+    completeness: filled with "delta" [b], the metric on the clean prompt minus the metric with
+    the input embeddings at the baseline (what Σ embed_attribution approaches as N grows), and
+    Σ of each scalar over nodes and positions per prompt.
     """
     target = get_target(target) if isinstance(target, str) else target
     for n in names:
@@ -101,6 +105,10 @@ def node_attributions(model: HookedTransformer, batch: Batch, target: str | Targ
         grads = clean.grads
     out = {}
     mask = batch.mask[:, :, None, None].to(clean.logits.dtype)
+    if completeness is not None:
+        with torch.no_grad(), model.hooks([(n, lambda t, n: base[n]) for n in embeds]):
+            low = target.metric(model(batch.tokens, batch.mask), batch)
+        completeness["delta"] = (target.metric(clean.logits, batch) - low).detach()
     with torch.no_grad():
         for name in names:
             _, _, reduce = ATTRIBUTIONS[name]
@@ -117,6 +125,8 @@ def node_attributions(model: HookedTransformer, batch: Batch, target: str | Targ
             if not vals:
                 continue
             out[name] = torch.stack(vals, dim=2) * mask
+    if completeness is not None:
+        completeness.update({n: t.sum((1, 2, 3)) for n, t in out.items()})
     return out
 
 

@@ -323,6 +323,7 @@ class ScalarResults:
     loss: torch.Tensor  # [batch] mean next-token cross-entropy per prompt
     mask: torch.Tensor  # [batch, pos]
     plan: Plan = field(repr=False)
+    completeness: dict = field(default_factory=dict)  # attribution sums and Δmetric [batch]
 
 
 def detach_ln_hooks(model: HookedTransformer):
@@ -348,8 +349,9 @@ def compute_scalars(model: HookedTransformer, batch: Batch, target: str | Target
     from actwh.compute.attribution import ATTRIBUTIONS, node_attributions
 
     wanted = [n for n in plan.scalars if n in ATTRIBUTIONS]
+    completeness: dict = {}
     ctx.attributions = node_attributions(model, batch, target, wanted, node_baseline,
-                                         ig_steps) if wanted else {}
+                                         ig_steps, completeness) if wanted else {}
     token, pair = {}, {}
     with torch.no_grad():
         for name in plan.scalars:
@@ -373,4 +375,4 @@ def compute_scalars(model: HookedTransformer, batch: Batch, target: str | Target
                 token[name] = per_layer.permute(0, 2, 1, 3)  # [b, L, p, n] -> [b, p, L, n]
         metric = target.metric(cache.logits, batch)
         loss = TARGETS["loss"].metric(cache.logits, batch)
-    return ScalarResults(token, pair, metric, loss, batch.mask, plan)
+    return ScalarResults(token, pair, metric, loss, batch.mask, plan, completeness)

@@ -122,10 +122,13 @@ def test_zero_baseline_is_act_times_grad_and_bad_input_refused(gpt2_dir):
     tokens, mask = padded_batch(loaded.tokenizer, PROMPTS)
     batch = Batch(tokens, mask, torch.tensor([5, 7, 9]), torch.tensor([6, 8, 10]))
     ours = node_attributions(loaded.model, batch, "logit_diff", ("mlp_attribution",
-                                                                "attn_attribution"))
+                                                                "attn_attribution",
+                                                                "embed_attribution"))
     res = compute_scalars(loaded.model, batch, "logit_diff",
-                          ["mlp_act_times_grad", "attn_act_times_grad"])
+                          ["mlp_act_times_grad", "attn_act_times_grad", "token_attribution"])
     real = mask.bool()
+    assert torch.allclose(ours["embed_attribution"][real], res.token["token_attribution"][real],
+                          atol=1e-5)  # token + position embedding, both zeroed
     assert torch.allclose(ours["mlp_attribution"][real], res.token["mlp_act_times_grad"][real],
                           atol=1e-5)
     assert torch.allclose(ours["attn_attribution"][real], res.token["attn_act_times_grad"][real],
@@ -165,6 +168,26 @@ def test_populate_stores_attributions_and_ranks_by_them(tmp_path, gpt2_dir):
         stored = con.sql("SELECT prompt_id, position, layer, node_index, scalar::VARCHAR, value "
                          "FROM node_scalars WHERE run_id = 1").fetchall()
     assert len(stored) > 0
+    # the completeness line: Σ embed_attribution per prompt and Δmetric = clean − corrupt
+    import re
+
+    import transformers as T
+
+    line = next(x for x in out.output.splitlines() if x.startswith("completeness"))
+    got = dict(re.findall(r"Σ (\w+) (-?[\d.e+-]+)", line))
+    delta = float(re.search(r"Δmetric \(clean − baseline input\) (-?[\d.e+-]+)", line).group(1))
+    n = len(ROWS)
+    emb = sum(r[5] for r in stored if r[4] == "embed_attribution") / n
+    assert float(got["embed_attribution"]) == pytest.approx(emb, rel=2e-3, abs=1e-3)
+    hf = T.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    diffs = []
+    for row in ROWS:
+        t, d = (loaded.tokenizer(row[k], add_special_tokens=False).input_ids[0]
+                for k in ("target", "distractor"))
+        m = [hf(torch.tensor([loaded.tokenizer(row[k]).input_ids])).logits[0, -1].detach()
+             for k in ("text", "corrupt")]
+        diffs.append(float((m[0][t] - m[0][d]) - (m[1][t] - m[1][d])))
+    assert delta == pytest.approx(sum(diffs) / n, rel=2e-3, abs=1e-3)
     for pid, row in enumerate(ROWS):
         ids = torch.tensor([tok(row["text"]).input_ids])
         bad = torch.tensor([tok(row["corrupt"]).input_ids])
