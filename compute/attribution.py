@@ -9,7 +9,10 @@ corrupted prompt's activation (run with the clean prompt's attention mask), or t
 per-position mean over prompts, and the gradient is taken at the clean input (ig_steps = 0) or
 averaged over N runs whose input embeddings are baseline + α(clean − baseline), α = k/N,
 k = 0 … N−1 — EAP-IG's integration points and its node-score convention (gradients at the
-nodes of the interpolated runs, times the nodes' clean − baseline difference).
+nodes of the interpolated runs, times the nodes' clean − baseline difference). Under post
+norms a head's term is its write gain ⊙ (z_h W_O_h) (the post-norm's scale frozen per run, as
+component edges define writes) times the gradient at the attention output, so a node's
+attribution summed over positions is always the sum of its EAP(-IG) edges out.
 """
 
 from __future__ import annotations
@@ -39,10 +42,16 @@ def attribution_sites(model: HookedTransformer, names) -> dict[str, list[str]]:
     """The hook sites each requested attribution scalar reads, per layer (or autoencoder)."""
     from actwh.compute.sae import spliced
 
+    from actwh.compute.model import post_norm_sites
+
     out = {}
     for name in names:
         _, site, _ = ATTRIBUTIONS[name]
-        if "{L}" in site:
+        if name == "attn_attribution" and model.cfg.post_norm:
+            # a head's write passes the post-norm's frozen gain (model.write_gain), as edges'
+            out[name] = [s for L in range(model.cfg.n_layers) for s in (
+                site.format(L=L), f"blocks.{L}.hook_attn_out", *post_norm_sites(model, L))]
+        elif "{L}" in site:
             out[name] = [site.format(L=L) for L in range(model.cfg.n_layers)]
         elif "{S}" in site:
             out[name] = [site.format(S=s.info.prefix) for s in spliced(model)]
@@ -117,6 +126,9 @@ def node_attributions(model: HookedTransformer, batch: Batch, target: str | Targ
                 g = grads["hook_embed"]  # the embeddings' sum: one gradient for both
                 out[name] = (diff * g).sum(-1)[:, :, None, None] * mask
                 continue
+            if name == "attn_attribution" and model.cfg.post_norm:
+                out[name] = _post_norm_heads(model, clean.acts, base, grads) * mask
+                continue
             vals = []
             for s in per_name[name]:
                 x = (clean.acts[s] - base[s]) * grads[s]
@@ -153,3 +165,21 @@ def attribution_scalars() -> list:
             lambda c, i, name=name, embed=embed: c.attributions[name][:, :, 0 if embed else i],
             embed_level=embed, sae_level=node_type == "sae_latent"))
     return out
+
+
+def _post_norm_heads(model, clean, base, grads) -> torch.Tensor:
+    """Heads under post norms: (write_clean − write_base) · ∂metric/∂attn_out, each write
+    gain ⊙ (z_h W_O_h) with its own run's frozen post-norm gain, as component edges define it.
+    [b, p, layers, heads]"""
+    from actwh.compute.model import write_gain
+
+    vals = []
+    for L, block in enumerate(model.blocks):
+        z = f"blocks.{L}.attn.hook_z"
+        w_c = torch.einsum("bphe,hed->bphd", clean[z], block.attn.W_O) * \
+            write_gain(model, clean, L, "attn")[:, :, None, :]
+        w_b = torch.einsum("bphe,hed->bphd", base[z], block.attn.W_O) * \
+            write_gain(model, base, L, "attn")[:, :, None, :]
+        g = grads[f"blocks.{L}.hook_attn_out"][:, :, None, :]
+        vals.append(((w_c - w_b) * g).sum(-1))
+    return torch.stack(vals, dim=2)
