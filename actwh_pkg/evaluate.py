@@ -374,6 +374,112 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
     return EvalResult(eval_id, cols)
 
 
+NODE_TYPES_PATCHED = {"attn_head": "blocks.{L}.attn.hook_z", "mlp_neuron": "blocks.{L}.mlp.hook_post"}
+NODE_RANKERS = ("attn_act_times_grad", "mlp_act_times_grad", "attn_attribution", "mlp_attribution")
+
+
+def evaluate_nodes(db, run_id: int, opts: EvalOptions, scalars: tuple[str, ...] | None = None) -> EvalResult:
+    """Node circuits: per prompt the top-n heads and neurons by |Σ over positions| of a stored
+    node scalar keep their activations; every other head's z and neuron's activation is patched
+    to its baseline at every position (activation patching of their writes). Rows go to
+    circuit_evals with selection `nodes:top-n:N` and n_edges 0; `none` patches every head and
+    neuron, `all` is the clean run."""
+    import torch
+
+    from actwh.compute.patching import mean_acts, run_nodes_patched, site_baselines
+    from actwh.compute.targets import get_target
+    from actwh.warehouse.store import Warehouse
+
+    if opts.baseline not in BASELINES:
+        raise ActwhError(f"unknown baseline {opts.baseline!r}; valid: {', '.join(BASELINES)}")
+    if opts.method != "top-n":
+        raise ActwhError("node circuits are chosen by --method top-n (sizes: node counts)")
+    sizes = opts.sizes or (1, 2, 5, 10, 20, 50)
+    check_sizes(sizes, "top-n")
+    wh = Warehouse(db)
+    run = read_run(wh, run_id)
+    stored = set(run["scalars"].split(","))
+    rankers = list(scalars) if scalars else [s for s in NODE_RANKERS if s in stored]
+    bad = [s for s in rankers if s not in stored or s not in NODE_RANKERS]
+    if bad or not rankers:
+        raise ActwhError(f"node circuits rank heads and neurons by a stored scalar of "
+                         f"{', '.join(NODE_RANKERS)}; run {run_id} has {run['scalars']}")
+    all_ids = wh.sql("SELECT prompt_id FROM prompts WHERE run_id = $run ORDER BY prompt_id",
+                     run=run_id)["prompt_id"].to_list()
+    ids = list(all_ids if opts.prompts is None else dict.fromkeys(opts.prompts))
+    for i in ids:
+        if i not in set(all_ids):
+            raise ActwhError(f"run {run_id} has no prompt {i}")
+    scores = wh.sql("SELECT prompt_id, layer, node_type::VARCHAR AS node_type, node_index, "
+                    "abs(sum(value)) AS score FROM node_scalars WHERE run_id = $run AND "
+                    "list_contains($scalars, scalar::VARCHAR) AND list_contains($prompts, prompt_id) "
+                    "GROUP BY ALL ORDER BY prompt_id, score DESC, layer, node_type, node_index",
+                    run=run_id, scalars=rankers, prompts=ids)
+    by_prompt = {pid: df.rows() for (pid,), df in scores.group_by("prompt_id", maintain_order=True)}
+    target = get_target(run["target"])
+    loaded = load_run_model(run, opts.device)
+    model = loaded.model
+    cfg = model.cfg
+    sites = {t: [f.format(L=L) for L in range(cfg.n_layers)] for t, f in NODE_TYPES_PATCHED.items()}
+    flat = [s for v in sites.values() for s in v]
+    corrupt = opts.baseline == "corrupt"
+    encoded = encoded_prompts(wh, run, loaded, target, ids, corrupt)
+    means = None
+    if opts.baseline == "mean":
+        everyone = encoded_prompts(wh, run, loaded, target, all_ids, False)
+        means = mean_acts(model, (make_batch(loaded, everyone[i:i + opts.batch_size], False)[0]
+                                  for i in range(0, len(everyone), opts.batch_size)), flat)
+    total = cfg.n_layers * (cfg.n_heads + cfg.d_mlp)
+    cols = {k: [] for k in ("prompt_id", "selection", "n_edges", "n_nodes", "metric",
+                            "faithfulness")}
+    encoded.sort(key=lambda e: len(e.ids))
+    for start in range(0, len(encoded), opts.batch_size):
+        chunk = encoded[start:start + opts.batch_size]
+        batch, bad_tokens = make_batch(loaded, chunk, corrupt)
+        batch = batch.to(model.device)
+        base = site_baselines(model, batch, flat, bad_tokens if corrupt else
+                              (means if means is not None else "zero"))
+        b, p = batch.tokens.shape
+
+        def masks(n):
+            """Patch masks keeping each prompt's top n heads and neurons (n None: none kept)."""
+            m = {s: torch.ones(b, p, cfg.n_heads, dtype=torch.bool, device=model.device)
+                 for s in sites["attn_head"]}
+            m.update({s: torch.ones(b, p, cfg.d_mlp, dtype=torch.bool, device=model.device)
+                      for s in sites["mlp_neuron"]})
+            kept = []
+            for i, e in enumerate(chunk):
+                top = by_prompt.get(e.prompt_id, [])[: n or 0]
+                kept.append(len(top))
+                for _, layer, node_type, index, _ in top:
+                    m[NODE_TYPES_PATCHED[node_type].format(L=layer)][i, :, index] = False
+            return m, kept
+        with torch.no_grad():
+            clean = target.metric(model(batch.tokens, batch.mask), batch).double().cpu()
+        low = target.metric(run_nodes_patched(model, batch, masks(None)[0], base),
+                            batch).double().cpu()
+        span = clean - low
+        rows = [(i, "none", 0, low[i]) for i in range(len(chunk))]
+        rows += [(i, "all", total, clean[i]) for i in range(len(chunk))]
+        for n in sizes:
+            m, kept = masks(int(n))
+            metric = target.metric(run_nodes_patched(model, batch, m, base), batch).double().cpu()
+            rows += [(i, f"nodes:top-n:{int(n)}", kept[i], metric[i]) for i in range(len(chunk))]
+        for i, sel, k, metric in rows:
+            cols["prompt_id"].append(chunk[i].prompt_id)
+            cols["selection"].append(sel)
+            cols["n_edges"].append(0)
+            cols["n_nodes"].append(k)
+            cols["metric"].append(float(metric))
+            cols["faithfulness"].append(None if span[i] == 0 else
+                                        float((metric - low[i]) / span[i]))
+    provenance = {"kind": "nodes", "method": "top-n", "sizes": list(sizes),
+                  "baseline": opts.baseline, "prompts": ids, "scalars": rankers,
+                  "target": run["target"], "batch_size": opts.batch_size,
+                  "device": str(model.device)}
+    return EvalResult(write_evals(db, run_id, "nodes", opts.baseline, cols, provenance), cols)
+
+
 def write_evals(db, run_id: int, method: str, baseline: str, cols: dict, provenance: dict) -> int:
     """One evaluation's provenance row and its circuit_evals rows, in one transaction."""
     import pyarrow as pa

@@ -431,11 +431,17 @@ def examples(kind) -> None:
               help="Cumulative influence fraction of nodes kept (influence).")
 @click.option("--circuit", "circuit_id", type=int, default=None, metavar="ID",
               help="Evaluate a stored circuit (see `actwh circuit --save`) instead.")
+@click.option("--nodes", "nodes", is_flag=True,
+              help="Node circuits: the top-n heads and neurons by a stored scalar keep their "
+                   "activations, every other one is patched (--method top-n; sizes: node counts).")
+@click.option("--scalars", "rankers", default=None, metavar="A,B,...",
+              help="--nodes: the stored scalars that rank heads and neurons [default: their act "
+                   "× grad and attribution scalars the run stored].")
 @click.option("--batch-size", default=8, show_default=True, help="Prompts per patched pass.")
 @device_option
 @format_option
-def evaluate(run, db, prompt_ids, method, sizes, baseline, node_threshold, circuit_id, batch_size,
-             device, fmt) -> None:
+def evaluate(run, db, prompt_ids, method, sizes, baseline, node_threshold, circuit_id, nodes,
+             rankers, batch_size, device, fmt) -> None:
     """Faithfulness of RUN's circuits: patch every edge outside them and measure the metric."""
     from actwh.evaluate import EvalOptions, evaluate as run_eval, parse_prompt_ids, parse_sizes
     from actwh.queries.loader import Queries
@@ -448,9 +454,19 @@ def evaluate(run, db, prompt_ids, method, sizes, baseline, node_threshold, circu
         circuit = read_circuit(Warehouse(db), circuit_id)
         if sizes is not None:
             raise click.BadParameter("a stored circuit has one size", param_hint="--sizes")
+    if nodes and method == "influence":
+        method = "top-n"  # node circuits are top-n node sets
     opts = EvalOptions(method, parse_sizes(sizes, method), baseline, parse_prompt_ids(prompt_ids),
                        node_threshold, batch_size, device)
-    result = run_eval(db, run, opts, circuit)
+    if nodes:
+        from actwh.evaluate import evaluate_nodes
+
+        if circuit is not None:
+            raise click.UsageError("--nodes and --circuit are two kinds of circuit: give one")
+        names = tuple(x.strip() for x in rankers.split(",") if x.strip()) if rankers else None
+        result = evaluate_nodes(db, run, opts, names)
+    else:
+        result = run_eval(db, run, opts, circuit)
     click.echo(f"evaluation {result.eval_id}: {len(result.rows['prompt_id'])} rows -> {db}",
                err=True)
     render(Queries()["faithfulness_curve"](Warehouse(db), eval=result.eval_id), fmt)

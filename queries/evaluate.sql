@@ -14,7 +14,7 @@ SELECT eval_id, run_id, method, baseline, selection, count(*) AS n_prompts,
 FROM circuit_evals
 WHERE eval_id = (SELECT eval_id FROM chosen)
 GROUP BY eval_id, run_id, method, baseline, selection
-ORDER BY mean_edges, faithfulness, selection;
+ORDER BY mean_edges, mean_nodes, faithfulness, selection;
 
 -- name: smallest_circuit
 -- Per prompt, the smallest evaluated circuit whose faithfulness reaches level (one evaluation: eval, or the latest of run, method and baseline).
@@ -36,7 +36,7 @@ ORDER BY prompt_id;
 -- params: baseline = 'corrupt'
 WITH latest AS (
     SELECT max(eval_id) AS eval_id FROM circuit_evals
-    WHERE baseline = $baseline GROUP BY run_id, method
+    WHERE baseline = $baseline AND method <> 'nodes' GROUP BY run_id, method
 ), e AS (
     SELECT c.* FROM circuit_evals c JOIN latest USING (eval_id)
 ), common AS (  -- prompts every compared evaluation has, with a defined faithfulness throughout

@@ -107,3 +107,50 @@ def test_verify_refuses_bad_input(wh_verify):
                           (["verify", "7", "--edges", "top:2"], "no run 7")]:
         out = runner.invoke(cli, [*args, "--db", str(db)])
         assert out.exit_code != 0 and message in out.output, (args, out.output)
+
+
+def test_node_circuits_equal_hand_written_ablation(wh_verify):
+    """evaluate --nodes: keep each prompt's top-n heads and neurons by |Σ_pos act × grad|, zero
+    every other head's z and neuron everywhere: the same metric as hooks written here."""
+    import duckdb
+
+    db, folder = wh_verify
+    out = CliRunner().invoke(cli, ["evaluate", "1", "--nodes", "--baseline", "zero", "--sizes",
+                                   "2,7", "--prompts", "0,3", "--db", str(db)])
+    assert out.exit_code == 0, out.output
+    wh = Warehouse(db)
+    rows = wh.sql("SELECT * FROM circuit_evals WHERE method = 'nodes' ORDER BY prompt_id")
+    assert rows.height == 2 * 4
+    loaded = load_model(folder, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    cfg = model.cfg
+    with duckdb.connect(str(db), read_only=True) as con:
+        scores = con.sql("SELECT prompt_id, layer, node_type::VARCHAR, node_index, sum(value) "
+                         "FROM node_scalars WHERE run_id = 1 AND scalar::VARCHAR IN "
+                         "('attn_act_times_grad', 'mlp_act_times_grad') GROUP BY ALL").fetchall()
+    for r in rows.iter_rows(named=True):
+        row = ROWS[r["prompt_id"]]
+        ids = torch.tensor([tok(row["text"]).input_ids])
+        mine = sorted((s for s in scores if s[0] == r["prompt_id"]), key=lambda s: -abs(s[4]))
+        n = {"none": 0, "all": None}.get(r["selection"])
+        if n is None and r["selection"] != "all":
+            n = int(r["selection"].rsplit(":", 1)[1])
+        kept = {(s[1], s[2], s[3]) for s in mine[:n]} if n is not None else None
+
+        def zero(t, name):
+            L = int(name.split(".")[1])
+            kind = "attn_head" if name.endswith("hook_z") else "mlp_neuron"
+            t = t.clone()
+            for i in range(t.shape[2]):
+                if (L, kind, i) not in kept:
+                    t[:, :, i] = 0
+            return t
+        hooks = [] if kept is None else [(f"blocks.{L}.{s}", zero) for L in range(cfg.n_layers)
+                                         for s in ("attn.hook_z", "mlp.hook_post")]
+        with torch.no_grad(), model.hooks(hooks):
+            ref = metric(model(ids), tok, row)
+        assert r["metric"] == pytest.approx(ref, abs=1e-4), r["selection"]
+        if n:
+            assert r["n_nodes"] == n
+    ranked = Queries()["method_auc"](wh)
+    assert "nodes" not in ranked["scoring"].to_list()
