@@ -437,7 +437,7 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
     sae_layers = tuple(s.info.layer for s in spliced(loaded.model))
     cols = rows.node_columns(select_nodes(res, scalars, selection, sae_layers), prompt_ids, res.mask)
     for e in chunk:
-        for t in e.ids:
+        for t in e.ids + ([e.target] if e.target is not None else []):
             if t not in token_text:
                 token_text[t] = loaded.tokenizer.decode([t])
     out = {"node_scalars": rows.arrow_table(cols.node, run_id, cols.scalar_names),
@@ -448,7 +448,8 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
         parts, corrupt_metric, to_target = batch_edges(loaded, chunk, batch, target, edges, prompt_ids)
         out["edges"] = rows.arrow_table(rows.edge_columns(parts), run_id)
     out["prompts"] = rows.prompt_table(run_id, chunk, res.metric.float().cpu().numpy(),
-                                       res.loss.float().cpu().numpy(), corrupt_metric, to_target)
+                                       res.loss.float().cpu().numpy(), corrupt_metric, to_target,
+                                       token_text)
     return out
 
 
