@@ -524,8 +524,9 @@ class WarehouseWriter:
 
         have = set(con.execute(COLUMNS_SQL).fetchall())
         md = build_metadata(self.node_types, self.scalars)
+        tables = {t for t, _ in have}  # a table the file lacks altogether is not this one's job
         missing = [(t.name, c.name, c.type.compile(dialect=Dialect())) for t in md.tables.values()
-                   for c in t.columns if (t.name, c.name) not in have and c.nullable]
+                   if t.name in tables for c in t.columns if (t.name, c.name) not in have and c.nullable]
         if not missing:
             return
         con.execute("BEGIN TRANSACTION")
