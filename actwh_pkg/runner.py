@@ -286,9 +286,10 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
 
     from actwh.compute.loading import load_model
     from actwh.compute.prompts import read_prompts
-    from actwh.compute.scalars import NODE_TYPES, SCALARS, get_scalar
+    from actwh.compute.scalars import SCALARS, get_scalar
     from actwh.compute.selection import Selection
     from actwh.compute.targets import get_target
+    from actwh.ontology import NODE_TYPES
     from actwh.warehouse.store import Warehouse, WarehouseWriter, check_writable
 
     warn = on_warning or log.warning
