@@ -32,19 +32,6 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_rule_numbers(rule: str, flag: str) -> None:
-    """NaN or infinite amounts in a keep rule keep nothing or everything: refuse them."""
-    import math
-
-    for part in rule.split(":")[1:]:
-        try:
-            x = float(part)
-        except ValueError:
-            continue
-        if not math.isfinite(x):
-            raise ActwhError(f"{flag} {rule!r}: the amount must be a finite number")
-
-
 @dataclass(frozen=True, kw_only=True)
 class EdgeOptions:
     """Component-graph edges for a run (provenance: stored with the run's options)."""
@@ -89,7 +76,6 @@ class EdgeOptions:
             raise ActwhError("--edges-into latents traces into autoencoder latents: give --sae DIR")
         if not (self.component or self.into or self.into_latents):
             raise ActwhError("edges were asked for but no graph: give --edges or --edges-into")
-        _check_rule_numbers(self.select, "--edges-select")
         check_edge_options(self.select, self.positions)
 
 
@@ -142,7 +128,6 @@ class PopulateOptions:
             raise ActwhError(f"a scalar is named twice in {','.join(self.scalars)}")
         if not self.saes and any(SCALARS[s].sae_level for s in self.scalars):
             raise ActwhError("SAE scalars need an autoencoder: give --sae DIR")
-        _check_rule_numbers(self.select, "--select")
         Selection.parse(self.select)
         if self.target is not None:
             get_target(self.target)
