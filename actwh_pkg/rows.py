@@ -168,9 +168,11 @@ def arrow_table(cols: dict[str, np.ndarray], run_id: int, scalar_names: tuple[st
     return pa.table(arrays)
 
 
-def prompt_table(run_id: int, chunk, metric, loss, corrupt_metric, to_target) -> pa.Table:
+def prompt_table(run_id: int, chunk, metric, loss, corrupt_metric, to_target,
+                 token_text: dict[int, str]) -> pa.Table:
     """One row per prompt of the batch, in prompt order. chunk: the runner's encoded prompts;
-    the arrays: one value per prompt in chunk order (NaN: not computed)."""
+    the arrays: one value per prompt in chunk order (NaN: not computed); token_text: the text
+    of every token id, targets included."""
     order = np.argsort([e.prompt_id for e in chunk], kind="stable")
     rows = [chunk[i] for i in order]
     f64 = lambda a: pa.array(np.asarray(a, np.float64)[order], from_pandas=True)  # noqa: E731
@@ -181,6 +183,8 @@ def prompt_table(run_id: int, chunk, metric, loss, corrupt_metric, to_target) ->
         "n_tokens": pa.array([len(e.ids) for e in rows], pa.int32()),
         "target_token_id": pa.array([e.target for e in rows], pa.int32()),
         "distractor_token_id": pa.array([e.distractor for e in rows], pa.int32()),
+        "target_token": pa.array([None if e.target is None else token_text[e.target] for e in rows],
+                                 pa.string()),
         "metric": f64(metric), "loss": f64(loss),
         "corrupt_metric": f64(corrupt_metric), "edges_to_target": f64(to_target),
     })

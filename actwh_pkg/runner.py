@@ -32,19 +32,6 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_rule_numbers(rule: str, flag: str) -> None:
-    """NaN or infinite amounts in a keep rule keep nothing or everything: refuse them."""
-    import math
-
-    for part in rule.split(":")[1:]:
-        try:
-            x = float(part)
-        except ValueError:
-            continue
-        if not math.isfinite(x):
-            raise ActwhError(f"{flag} {rule!r}: the amount must be a finite number")
-
-
 @dataclass(frozen=True, kw_only=True)
 class EdgeOptions:
     """Component-graph edges for a run (provenance: stored with the run's options)."""
@@ -89,7 +76,6 @@ class EdgeOptions:
             raise ActwhError("--edges-into latents traces into autoencoder latents: give --sae DIR")
         if not (self.component or self.into or self.into_latents):
             raise ActwhError("edges were asked for but no graph: give --edges or --edges-into")
-        _check_rule_numbers(self.select, "--edges-select")
         check_edge_options(self.select, self.positions)
 
 
@@ -144,7 +130,6 @@ class PopulateOptions:
             raise ActwhError(f"a scalar is named twice in {','.join(self.scalars)}")
         if not self.saes and any(SCALARS[s].sae_level for s in self.scalars):
             raise ActwhError("SAE scalars need an autoencoder: give --sae DIR")
-        _check_rule_numbers(self.select, "--select")
         Selection.parse(self.select)
         if self.target is not None:
             get_target(self.target)
@@ -293,9 +278,10 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
 
     from actwh.compute.loading import load_model
     from actwh.compute.prompts import read_prompts
-    from actwh.compute.scalars import NODE_TYPES, SCALARS, get_scalar
+    from actwh.compute.scalars import SCALARS, get_scalar
     from actwh.compute.selection import Selection
     from actwh.compute.targets import get_target
+    from actwh.ontology import NODE_TYPES
     from actwh.warehouse.store import Warehouse, WarehouseWriter, check_writable
 
     warn = on_warning or log.warning
@@ -477,7 +463,7 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
     sae_layers = tuple(s.info.layer for s in spliced(loaded.model))
     cols = rows.node_columns(select_nodes(res, scalars, selection, sae_layers), prompt_ids, res.mask)
     for e in chunk:
-        for t in e.ids:
+        for t in e.ids + ([e.target] if e.target is not None else []):
             if t not in token_text:
                 token_text[t] = loaded.tokenizer.decode([t])
     out = {"node_scalars": rows.arrow_table(cols.node, run_id, cols.scalar_names),
@@ -488,7 +474,8 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
         parts, corrupt_metric, to_target = batch_edges(loaded, chunk, batch, target, edges, prompt_ids)
         out["edges"] = rows.arrow_table(rows.edge_columns(parts), run_id)
     out["prompts"] = rows.prompt_table(run_id, chunk, res.metric.float().cpu().numpy(),
-                                       res.loss.float().cpu().numpy(), corrupt_metric, to_target)
+                                       res.loss.float().cpu().numpy(), corrupt_metric, to_target,
+                                       token_text)
     return out
 
 

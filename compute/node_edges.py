@@ -26,6 +26,7 @@ from actwh.compute.keep import KeepRule
 from actwh.compute.model import HookedTransformer, expand_kv, post_norm_sites, write_gain
 from actwh.compute.sae import at, spliced
 from actwh.compute.targets import Batch, Target, get_target
+from actwh.ontology import DOWN_INPUTS
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,7 @@ def top_downstream(model: HookedTransformer, batch: Batch, cache, n: int) -> lis
         site = f"blocks.{L}.mlp.hook_post"
         groups.append((cache.acts[site] * cache.grads[site],
                        lambda b, p, i, L=L: Down(b, L, "mlp_neuron", i, p)))
-        for kind in "qkv":
+        for kind in DOWN_INPUTS:
             site = f"blocks.{L}.attn.hook_{kind}"
             groups.append(((cache.acts[site] * cache.grads[site]).sum(-1),
                            lambda b, p, i, L=L, kind=kind: Down(b, L, "attn_head", i, p, kind)))
@@ -302,15 +303,15 @@ def top_downstream(model: HookedTransformer, batch: Batch, cache, n: int) -> lis
         site = sae.info.prefix + ".hook_latents"
         groups.append((cache.acts[site] * cache.grads[site],
                        lambda b, p, i, L=sae.info.layer: Down(b, L, "sae_latent", i, p)))
-    scores = [s.abs().masked_fill(~real[:, :, None], -1.0).flatten(1) for s, _ in groups]
-    flat = torch.cat(scores, 1)
-    top = flat.topk(min(n, flat.shape[1]), dim=1)
-    starts = torch.tensor([0] + [s.shape[1] for s in scores]).cumsum(0).tolist()
+    flat = torch.cat([s.flatten(1) for s, _ in groups], 1)  # [batch, every node at every position]
+    # nothing flows through a node with zero act × grad: only real, non-zero ones are candidates
+    candidate = torch.cat([(real[:, :, None] & (s != 0)).flatten(1) for s, _ in groups], 1)
+    keep = KeepRule("top-k", n).keep(flat, candidate)
+    starts = torch.tensor([0] + [s[0].numel() for s, _ in groups]).cumsum(0).tolist()
     out = []
     for b in range(flat.shape[0]):
-        for value, idx in zip(top.values[b].tolist(), top.indices[b].tolist()):
-            if value <= 0:  # nothing flows through a node with zero act × grad
-                continue
+        kept = keep[b].nonzero().flatten()
+        for idx in kept[flat[b, kept].abs().argsort(descending=True, stable=True)].tolist():
             g = next(j for j in range(len(groups)) if idx < starts[j + 1])
             width = groups[g][0].shape[-1]
             p, i = divmod(idx - starts[g], width)

@@ -52,27 +52,48 @@ def label(layer: int, node_type: str, index: int, pos, token: str | None = None)
 
 
 def _with_labels(edges: pl.DataFrame) -> pl.DataFrame:
+    tokens = edges["target_token"] if "target_token" in edges.columns else [None] * edges.height
     up = [label(*r) for r in edges.select("up_layer", "up_type", "up_index", "up_pos").iter_rows()]
-    down = [label(*r) for r in edges.select("down_layer", "down_type", "down_index", "down_pos").iter_rows()]
+    down = [label(*r, t) for r, t in zip(
+        edges.select("down_layer", "down_type", "down_index", "down_pos").iter_rows(), tokens)]
     return edges.with_columns(pl.Series("up_label", up, pl.String), pl.Series("down_label", down, pl.String))
 
 
 def _nodes_of(edges: pl.DataFrame) -> pl.DataFrame:
-    ups = edges.select(layer="up_layer", node_type="up_type", node_index="up_index", pos="up_pos")
-    downs = edges.select(layer="down_layer", node_type="down_type", node_index="down_index",
-                         pos="down_pos")
-    nodes = pl.concat([ups, downs]).unique().sort(NODE_KEY, nulls_last=True)
-    return nodes.with_columns(pl.Series("label", [label(*r) for r in nodes.iter_rows()], pl.String))
+    """The edges' nodes, each labelled (the target with its token, when the edges carry it)."""
+    token = (pl.col("target_token") if "target_token" in edges.columns
+             else pl.lit(None, pl.String)).alias("token")
+    ups = edges.select(layer="up_layer", node_type="up_type", node_index="up_index", pos="up_pos",
+                       token=pl.lit(None, pl.String))
+    downs = edges.select(pl.col("down_layer").alias("layer"), pl.col("down_type").alias("node_type"),
+                         pl.col("down_index").alias("node_index"), pl.col("down_pos").alias("pos"),
+                         token)
+    nodes = pl.concat([ups, downs]).unique(NODE_KEY, keep="last").sort(NODE_KEY, nulls_last=True)
+    labels = [label(*r) for r in nodes.iter_rows()]
+    return nodes.drop("token").with_columns(pl.Series("label", labels, pl.String))
+
+
+def target_token(wh, run: int, prompt: int) -> str | None:
+    """The text of the prompt's target token (None for the loss, or in a file made before
+    actwh stored it)."""
+    from actwh.queries.loader import Queries
+
+    try:
+        df = Queries()["target_token"](wh, run=run, prompt=prompt)
+    except ActwhError:
+        return None
+    return df["target_token"][0] if df.height else None
 
 
 def load_edges(wh, run: int, prompt: int) -> pl.DataFrame:
-    """Every edge of one prompt, by the saved query `prompt_edges`."""
+    """Every edge of one prompt, by the saved query `prompt_edges`, with the text of its target
+    token (`target_token`) for labels."""
     from actwh.queries.loader import Queries
 
     df = Queries()["prompt_edges"](wh, run=run, prompt=prompt)
     if df.height == 0:
         raise ActwhError(f"run {run} has no edges for prompt {prompt} (populate with --edges)")
-    return df
+    return df.with_columns(pl.lit(target_token(wh, run, prompt), pl.String).alias("target_token"))
 
 
 def threshold(edges: pl.DataFrame, value: float) -> Circuit:
@@ -91,7 +112,8 @@ def reachable(wh, run: int, prompt: int, min_value: float = 0.0) -> Circuit:
 
     df = Queries()["reachable_edges"](wh, run=run, prompt=prompt, threshold=min_value)
     df = df.with_columns(pl.col("up_type").cast(pl.String), pl.col("down_type").cast(pl.String),
-                         pl.col("down_input").cast(pl.String))
+                         pl.col("down_input").cast(pl.String),
+                         pl.lit(target_token(wh, run, prompt), pl.String).alias("target_token"))
     kept = _with_labels(df)
     return Circuit(_nodes_of(kept), kept)
 

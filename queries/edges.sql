@@ -66,3 +66,8 @@ SELECT up_layer, up_type::VARCHAR AS up_type, up_index, up_pos, down_layer,
        value
 FROM edges
 WHERE run_id = $run AND prompt_id = $prompt;
+
+-- name: target_token
+-- The text of one prompt's target token (NULL for the loss): how circuits label the logit node.
+-- params: run, prompt
+SELECT target_token FROM prompts WHERE run_id = $run AND prompt_id = $prompt;

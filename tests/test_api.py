@@ -22,6 +22,22 @@ def test_import_is_cheap_and_the_cli_starts_without_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_layering():
+    """The warehouse and the saved queries never load torch; compute never imports the
+    warehouse; from the root package, compute and warehouse use only errors and the ontology."""
+    code = ("import sys, actwh.warehouse, actwh.warehouse.store, actwh.queries.loader, "
+            "actwh.queries.circuit, actwh.ontology; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    root = Path(__file__).parents[1]
+    roots = re.compile(r"^\s*(?:from|import) actwh\.(\w+)", re.M)
+    for folder, allowed in (("compute", {"compute", "errors", "ontology"}),
+                            ("warehouse", {"warehouse", "errors", "ontology"})):
+        for path in (root / folder).rglob("*.py"):
+            used = set(roots.findall(path.read_text()))
+            assert used <= allowed, f"{path.relative_to(root)} imports actwh.{used - allowed}"
+
+
 def test_every_exported_name_resolves():
     for name in actwh.__all__:
         assert getattr(actwh, name) is not None, name

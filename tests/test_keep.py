@@ -58,3 +58,34 @@ def test_keep_on_known_values():
     # one-dimensional (node-level edges: per traced node)
     one = KeepRule.parse("top-k:1").keep(torch.tensor([0.1, -0.7, 0.3]), torch.tensor(True))
     assert one.tolist() == [False, True, False]
+
+
+def test_edges_into_top_n_traces_only_nodes_the_target_depends_on(gpt2_dir):
+    """`--edges-into top:N` keeps by the same rule; a node with zero act × grad (here every node
+    after the scored position, whose gradient is exactly 0) is never a candidate, so asking for
+    more than exist returns exactly the non-zero ones."""
+    from actwh.compute.loading import load_model
+    from actwh.compute.node_edges import sites, top_downstream
+    from actwh.compute.targets import TARGETS, Batch
+
+    loaded = load_model(gpt2_dir, device="cpu")
+    model = loaded.model
+    batch = Batch.from_text(loaded, ["when Mary and John went to the store , John", "the cat"],
+                            targets=["Mary", "dog"], positions=[3, None])
+    fwd, bwd = sites(model)
+    cache = model.run_with_cache(batch.tokens, fwd, attention_mask=batch.mask, grad_names=bwd,
+                                 backward_of=lambda l: TARGETS["logit"].metric(l, batch).sum())
+    want = set()  # (prompt, layer, type, index, pos, input) with non-zero act x grad, brute force
+    for L in range(model.cfg.n_layers):
+        sites_ = [("mlp_neuron", None, f"blocks.{L}.mlp.hook_post")]
+        sites_ += [("attn_head", k, f"blocks.{L}.attn.hook_{k}") for k in "qkv"]
+        for kind, inp, site in sites_:
+            atg = cache.acts[site] * cache.grads[site]
+            atg = atg.sum(-1) if inp else atg
+            for b, p, i in (atg != 0).nonzero().tolist():
+                if batch.mask[b, p]:
+                    want.add((b, L, kind, i, p, inp))
+    assert want and max(w[4] for w in want if w[0] == 0) == 3  # nothing after the scored token
+    got = top_downstream(model, batch, cache, 10**6)
+    assert {(d.batch_index, d.layer, d.node_type, d.index, d.pos, d.down_input) for d in got} == want
+    assert len(got) == len(want)

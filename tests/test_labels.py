@@ -7,12 +7,12 @@ import pytest
 
 from actwh.compute.scalars import SCALARS
 from actwh.ontology import LABELS, NODE_TYPES, node_label, node_label_sql
-from actwh.queries.circuit import label
+from actwh.queries.circuit import find_circuit, label
 from actwh.runner import EdgeOptions, PopulateOptions, populate
 from actwh.warehouse import Warehouse, WarehouseWriter
 from actwh.warehouse.store import VIEWS_SQL
 
-from conftest import write_prompts
+from conftest import IOI_ROWS, write_prompts
 
 
 def test_views_sql_holds_the_generated_macro():
@@ -62,16 +62,26 @@ def test_stored_views_label_as_python_does(tmp_path, gpt2_dir):
                                  edges=EdgeOptions(into=3, positions="each", select="top-k:20")),
              progress=False)
     wh = Warehouse(db)
-    edges = wh.sql("SELECT up_layer, up_type::VARCHAR AS up_type, up_index, down_layer, "
+    edges = wh.sql("SELECT prompt_id, up_layer, up_type::VARCHAR AS up_type, up_index, down_layer, "
                    "down_type::VARCHAR AS down_type, down_index, down_input::VARCHAR AS down_input, "
                    "up_label, down_label FROM edges_labeled")
     types = set(edges["up_type"]) | set(edges["down_type"])
     assert {"embed", "attn_head", "mlp_neuron", "logit"} <= types
     for r in edges.iter_rows(named=True):
         assert r["up_label"] == node_label(r["up_layer"], r["up_type"], r["up_index"])
-        down = node_label(r["down_layer"], r["down_type"], r["down_index"])
+        token = IOI_ROWS[r["prompt_id"]]["target"]  # the prompt file's target, as written
+        down = node_label(r["down_layer"], r["down_type"], r["down_index"], token)
         assert r["down_label"] == down + ("" if r["down_input"] is None else "." + r["down_input"])
-        assert label(r["down_layer"], r["down_type"], r["down_index"], 4) == down + "@4"
+        if r["down_type"] == "logit":
+            assert down == f'logit:"{token}"'
+    # a circuit's labels: the same, with positions; the target shows its token
+    for prompt in (0, 2):
+        c = find_circuit(wh, 1, prompt, "top-n", n=1000)
+        token = IOI_ROWS[prompt]["target"]
+        for r in c.edges.iter_rows(named=True):
+            assert r["down_label"] == label(r["down_layer"], r["down_type"], r["down_index"],
+                                            r["down_pos"], token)
+        assert f'logit:"{token}"@' in " ".join(c.nodes["label"])
     nodes = wh.sql("SELECT layer, node_type::VARCHAR AS node_type, node_index, node_label FROM nodes")
     assert set(nodes["node_type"]) == {"mlp_neuron", "attn_head", "embed"}
     for r in nodes.iter_rows(named=True):
@@ -79,3 +89,21 @@ def test_stored_views_label_as_python_does(tmp_path, gpt2_dir):
     pairs = wh.sql("SELECT DISTINCT layer, head, node_label FROM pairs")
     for r in pairs.iter_rows(named=True):
         assert r["node_label"] == node_label(r["layer"], "attn_head", r["head"])
+
+
+def test_an_older_file_gains_the_target_token_column(tmp_path, gpt2_dir):
+    db = tmp_path / "old.duckdb"
+    WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))
+    con = duckdb.connect(str(db))  # as files made before target_token was stored
+    con.execute("DROP VIEW edges_labeled")
+    con.execute("ALTER TABLE prompts DROP COLUMN target_token")
+    con.close()
+    prompts = write_prompts(tmp_path / "p.jsonl", IOI_ROWS[:2])
+    populate(db, PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), scalars=("mlp_post_act",),
+                                 edges=EdgeOptions(select="top-k:5")), progress=False)
+    wh = Warehouse(db)
+    got = wh.sql("SELECT prompt_id, target_token FROM prompts ORDER BY prompt_id")
+    assert got["target_token"].to_list() == ["Mary", "John"]
+    labels = wh.sql("SELECT DISTINCT prompt_id, down_label FROM edges_labeled "
+                    "WHERE down_type = 'logit' ORDER BY prompt_id")
+    assert labels["down_label"].to_list() == ['logit:"Mary"', 'logit:"John"']

@@ -120,7 +120,7 @@ def by_abs(df, col="value"):
 
 def test_top_nodes(wh_path, tables):
     q = Queries()
-    got = q.top_nodes if False else q["top_nodes"](Warehouse(wh_path), run=1, prompt=0, k=5)
+    got = q["top_nodes"](Warehouse(wh_path), run=1, prompt=0, k=5)
     n = tables["node_scalars"].filter((pl.col("run_id") == 1) & (pl.col("prompt_id") == 0)
                                        & (pl.col("scalar") == "mlp_act_times_grad"))
     want = n.sort(pl.col("value").abs(), descending=True).head(5)

@@ -70,6 +70,7 @@ def build_metadata(node_types: tuple[str, ...], scalars: tuple[str, ...]) -> sa.
              sa.Column("n_tokens", sa.Integer, nullable=False),
              sa.Column("target_token_id", sa.Integer),
              sa.Column("distractor_token_id", sa.Integer),
+             sa.Column("target_token", sa.String),  # the target's text: logit nodes' labels
              sa.Column("metric", sa.Float),
              sa.Column("loss", sa.Float),
              sa.Column("corrupt_metric", sa.Float),  # the target on the corrupted prompt

@@ -76,6 +76,9 @@ ENUM_VALUES_SQL = {
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
+COLUMNS_SQL = "SELECT table_name, column_name FROM information_schema.columns"
+
+
 def _ddl(template: str, **names: str) -> str:
     """DDL naming schema objects (never user values): identifiers checked, then formatted."""
     for n in names.values():
@@ -437,6 +440,7 @@ class WarehouseWriter:
         with self.connection() as con:
             check_version(con, self.path)
             self._migrate_enums(con)
+            self._add_columns(con)
         self._remove_stale_staging()
 
     # -- creating and opening ---------------------------------------------------------------
@@ -512,6 +516,30 @@ class WarehouseWriter:
                                      f"{one_line(e)}") from None
             raise
         log.info("added ENUM values to %s: %s", self.path, changes)
+
+    def _add_columns(self, con) -> None:
+        """Add the nullable columns of this schema that an older file lacks (NULL in its rows),
+        and recreate the file's views, which may name them."""
+        from duckdb_sqlalchemy import Dialect
+
+        have = set(con.execute(COLUMNS_SQL).fetchall())
+        md = build_metadata(self.node_types, self.scalars)
+        tables = {t for t, _ in have}  # a table the file lacks altogether is not this one's job
+        missing = [(t.name, c.name, c.type.compile(dialect=Dialect())) for t in md.tables.values()
+                   if t.name in tables for c in t.columns if (t.name, c.name) not in have and c.nullable]
+        if not missing:
+            return
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table, column, kind in missing:
+                con.execute(_ddl("ALTER TABLE {t} ADD COLUMN {c} {k}", t=table, c=column,
+                                 k=kind.lower()))
+            package_views(con, temporary=False)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        log.info("added columns to %s: %s", self.path, missing)
 
     @contextmanager
     def connection(self, wait_s: float | None | str = "default"):

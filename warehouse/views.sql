@@ -25,9 +25,10 @@ CREATE OR REPLACE VIEW pairs AS
     LEFT JOIN tokens k ON k.run_id = p.run_id AND k.prompt_id = p.prompt_id AND k.position = p.key_pos;
 CREATE OR REPLACE VIEW edges_labeled AS
     SELECT e.*, node_label(e.up_layer, e.up_type, e.up_index) AS up_label,
-           node_label(e.down_layer, e.down_type, e.down_index)
+           node_label(e.down_layer, e.down_type, e.down_index, token := p.target_token)
                || coalesce('.' || CAST(e.down_input AS VARCHAR), '') AS down_label
-    FROM edges e;
+    FROM edges e
+    LEFT JOIN prompts p ON p.run_id = e.run_id AND p.prompt_id = e.prompt_id;
 CREATE OR REPLACE VIEW prompt_tokens AS
     SELECT run_id, prompt_id, string_agg(token, ' ' ORDER BY position) AS tokens, count(*) AS n_tokens
     FROM tokens GROUP BY run_id, prompt_id
