@@ -509,3 +509,21 @@ def test_tokens_page_colours_by_the_stored_values(server, page, view_db):
     assert len(got) == n_tok
     assert {p: float(v) for p, v in got} == {p: pytest.approx(v, abs=1e-7) for p, v in want.items()}
     assert page.errors == []
+
+
+def test_runs_page_filters_and_sorts_prompts(server, view_db):
+    """The prompts table: text search (case-insensitive) and sort by metric, descending."""
+    url, _ = server
+    code, body = get(url + "?run=1&search=TWO&sort=metric&descending=1")
+    assert code == 200
+    table = body[body.index('<table class="prompts">'):]
+    table = table[:table.index("</table>")]
+    ids = [int(x) for x in re.findall(r"<tr><td>(\d+)</td>", table)]
+    want = raw(view_db, "SELECT prompt_id FROM prompts WHERE run_id = 1 AND lower(text) LIKE "
+                        "'%two%' ORDER BY metric DESC")
+    assert ids == [w[0] for w in want] and len(ids) >= 1
+    code, body = get(url + "?run=1&sort=n_tokens")
+    table = body[body.index('<table class="prompts">'):]
+    ids = [int(x) for x in re.findall(r"<tr><td>(\d+)</td>", table[:table.index("</table>")])]
+    want = raw(view_db, "SELECT prompt_id FROM prompts WHERE run_id = 1 ORDER BY n_tokens, prompt_id")
+    assert ids == [w[0] for w in want] and len(ids) == 5
