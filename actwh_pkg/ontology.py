@@ -9,7 +9,8 @@ A new node type is one entry in `NODE_TYPES` (and, for a readable name, one in `
 from __future__ import annotations
 
 # The `node_type` column's values, in code order (Arrow dictionary codes index this tuple).
-NODE_TYPES = ("embed", "attn_head", "mlp", "mlp_neuron", "sae_latent", "sae_error", "logit")
+NODE_TYPES = ("embed", "attn_head", "mlp", "mlp_neuron", "sae_latent", "sae_error", "logit",
+              "mlp_expert")
 # The `down_input` column's values: which input of an attention head an edge enters.
 DOWN_INPUTS = ("q", "k", "v")
 
@@ -21,6 +22,7 @@ LABELS = {
     "attn_head": ("L", LAYER, "H", INDEX),
     "mlp": ("L", LAYER, ".mlp"),
     "mlp_neuron": ("L", LAYER, "N", INDEX),
+    "mlp_expert": ("L", LAYER, "E", INDEX),
     "sae_latent": ("L", LAYER, "F", INDEX),
     "sae_error": ("L", LAYER, ".err"),
     # the target: its token's text when known, else its vocabulary id (none for the loss)

@@ -1,6 +1,9 @@
 """Edge attribution over the component graph (EAP, Syed et al. 2023; EAP-IG, Hanna et al. 2024).
 
-Upstream nodes: `embed` (token + position embedding), every `attn_head`, every `mlp` layer.
+Upstream nodes: `embed` (token + position embedding), every `attn_head`, every `mlp` layer (in a
+mixture of experts, every `mlp_expert` instead: its routed, weighted output, the shared expert
+last; they sum to the layer's output exactly; the layer stays one downstream node, whose input
+feeds the router and every expert).
 Downstream nodes: every attention head through its q, k or v input, every `mlp`, and the target
 (`logit`). score(u → v, pos) = out_u[pos] · ∂metric/∂in_v[pos], where in_v is v's own copy of the
 residual stream, taken before v's norm, with the gradient flowing through the norm's scale.
@@ -45,7 +48,9 @@ def upstream_nodes(model: HookedTransformer) -> list[Node]:
     cfg = model.cfg
     nodes = [Node(-1, "embed", 0)]
     for L in range(cfg.n_layers):
-        nodes += [Node(L, "attn_head", h) for h in range(cfg.n_heads)] + [Node(L, "mlp", 0)]
+        nodes += [Node(L, "attn_head", h) for h in range(cfg.n_heads)]
+        nodes += [Node(L, "mlp_expert", e) for e in range(cfg.n_experts + bool(cfg.d_shared))] \
+            if cfg.n_experts else [Node(L, "mlp", 0)]
     return nodes
 
 
@@ -104,6 +109,7 @@ def _sites(model: HookedTransformer):
     for L in range(cfg.n_layers):
         p = f"blocks.{L}."
         fwd += [p + "attn.hook_z", p + "hook_mlp_out", p + "hook_resid_pre", p + "hook_resid_mid",
+                *([p + "mlp.hook_post"] if cfg.n_experts else []),
                 p + "ln1.hook_normalized", p + "ln1.hook_scale", p + "ln2.hook_normalized",
                 p + "ln2.hook_scale", *post_norm_sites(model, L)]
         bwd += [p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "ln2.hook_normalized"]
@@ -119,7 +125,12 @@ def upstream_outputs(model: HookedTransformer, acts) -> torch.Tensor:
         heads = torch.einsum("bphe,hed->hbpd", z, block.attn.W_O)
         gain = write_gain(model, acts, L, "attn")
         outs += list(heads if gain is None else heads * gain)
-        outs.append(acts[f"blocks.{L}.hook_mlp_out"])
+        if model.cfg.n_experts:  # each expert's routed, weighted output; they sum to hook_mlp_out
+            experts = block.mlp.expert_writes(acts[f"blocks.{L}.mlp.hook_post"]).permute(2, 0, 1, 3)
+            gain = write_gain(model, acts, L, "mlp")
+            outs += list(experts if gain is None else experts * gain)
+        else:
+            outs.append(acts[f"blocks.{L}.hook_mlp_out"])
     # node-major in memory: the position-summed edge matmuls read it as [b, U, p·d], no copy
     return torch.stack(outs, dim=1).transpose(1, 2)
 
@@ -155,7 +166,7 @@ def group_layout(model: HookedTransformer, acts, last: str):
     """Per downstream group: its input residual stream [b, p, 1, d], how many upstream nodes
     (a prefix of `upstream_nodes`) feed it, and how many attention layers lie upstream."""
     cfg = model.cfg
-    per_layer = cfg.n_heads + 1
+    per_layer = cfg.n_heads + cfg.n_mlp_nodes
     out = []
     for L in range(cfg.n_layers):
         p = f"blocks.{L}."

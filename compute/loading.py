@@ -25,7 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # config chatter is not for our users
 
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm 1 + w, embeddings × √d, GeGLU
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA, "olmo2")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # softmax top-k routers, every layer sparse
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA, "olmo2", *MOE)
 SUPPORTED = ("gpt2", "gpt_neox", *LLAMA_LIKE)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -216,11 +217,14 @@ def _llama_like(arch: str, hf) -> ModelConfig:
     rope = _rope(rope_params, d_head, max_pos)
     gemma = arch in GEMMA
     window = getattr(hf, "sliding_window", None)
-    qk = {"qwen3": "head", "gemma3_text": "head", "olmo2": "all"}.get(arch)
+    qk = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "olmo2": "all",
+          "olmoe": "all"}.get(arch)
+    moe = _moe(arch, hf) if arch in MOE else {}
     return ModelConfig(
         arch=arch, n_layers=hf.num_hidden_layers, d_model=d, n_heads=h,
         n_kv_heads=getattr(hf, "num_key_value_heads", None) or h, d_head=d_head,
-        d_mlp=hf.intermediate_size, d_vocab=hf.vocab_size, n_ctx=max_pos, norm="rmsnorm",
+        d_mlp=moe.pop("d_mlp", None) or hf.intermediate_size, d_vocab=hf.vocab_size, n_ctx=max_pos,
+        norm="rmsnorm",
         norm_eps=hf.rms_norm_eps, act=getattr(hf, "hidden_activation", None) or hf.hidden_act,
         rotary_dim=rope.dim, rope=rope, rope_local=local, gated_mlp=True,
         sliding_window=window if window and (not types or "sliding_attention" in types) else None,
@@ -229,7 +233,26 @@ def _llama_like(arch: str, hf) -> ModelConfig:
         qk_norm=qk, embed_scale=math.sqrt(d) if gemma else 1.0,
         attn_scalar=getattr(hf, "query_pre_attn_scalar", None) if gemma else None,
         attn_softcap=getattr(hf, "attn_logit_softcapping", None),
-        final_softcap=getattr(hf, "final_logit_softcapping", None))
+        final_softcap=getattr(hf, "final_logit_softcapping", None), **moe)
+
+
+def _moe(arch: str, hf) -> dict:
+    """Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE routers: softmax over the experts, top-k."""
+    for field in ("scoring_func", "topk_method", "router_type"):  # other routers' config fields
+        value = getattr(hf, field, None)
+        if value is not None and value not in ("softmax", "greedy"):
+            raise UnsupportedArchitecture(f"{field} {value!r} is not supported (softmax top-k "
+                                          "routers only)")
+    if getattr(hf, "mlp_only_layers", None) or getattr(hf, "decoder_sparse_step", 1) != 1:
+        raise UnsupportedArchitecture("mlp_only_layers / decoder_sparse_step: dense MLP layers "
+                                      "between expert layers are not supported")
+    if getattr(hf, "clip_qkv", None):
+        raise UnsupportedArchitecture("clip_qkv is not supported")
+    n_experts = hf.num_local_experts if arch == "mixtral" else hf.num_experts
+    return dict(n_experts=n_experts, top_k=hf.num_experts_per_tok,
+                norm_topk_prob=arch == "mixtral" or bool(getattr(hf, "norm_topk_prob", False)),
+                d_mlp=getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size,
+                d_shared=getattr(hf, "shared_expert_intermediate_size", 0) if arch == "qwen2_moe" else 0)
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -331,10 +354,13 @@ def _convert_llama_like(cfg: ModelConfig, s: dict[str, torch.Tensor]) -> dict[st
         if cfg.qk_norm:
             out[o + "attn.q_norm.w"] = norm_w(s[p + "self_attn.q_norm.weight"])
             out[o + "attn.k_norm.w"] = norm_w(s[p + "self_attn.k_norm.weight"])
-        mlp = {hf: s.get(p + f"mlp.{hf}.weight") for hf in ("gate_proj", "up_proj")}
-        if p + "mlp.gate_up_proj.weight" in s:  # Phi-3: rows [gate | up], split here
-            mlp = dict(zip(("gate_proj", "up_proj"), s[p + "mlp.gate_up_proj.weight"].chunk(2, 0)))
-        mlp["down_proj"] = s[p + "mlp.down_proj.weight"]
+        if cfg.n_experts:
+            mlp = _experts(cfg, s, p, out, o)
+        else:
+            mlp = {hf: s.get(p + f"mlp.{hf}.weight") for hf in ("gate_proj", "up_proj")}
+            if p + "mlp.gate_up_proj.weight" in s:  # Phi-3: rows [gate | up], split here
+                mlp = dict(zip(("gate_proj", "up_proj"), s[p + "mlp.gate_up_proj.weight"].chunk(2, 0)))
+            mlp["down_proj"] = s[p + "mlp.down_proj.weight"]
         for ours, hf in (("W_in", "gate_proj"), ("W_up", "up_proj"), ("W_out", "down_proj")):
             out[o + f"mlp.{ours}"] = mlp[hf].T
             if p + f"mlp.{hf}.bias" in s:
@@ -343,6 +369,31 @@ def _convert_llama_like(cfg: ModelConfig, s: dict[str, torch.Tensor]) -> dict[st
             out[o + f"{ours}.w"] = norm_w(s[p + f"{hf}.weight"])
     out["ln_final.w"] = norm_w(s["norm.weight"])
     return out
+
+
+def _experts(cfg: ModelConfig, s: dict, p: str, out: dict, o: str) -> dict[str, torch.Tensor]:
+    """One layer's experts as one wide gated MLP (Linear layouts: gate_proj, up_proj [N, d],
+    down_proj [d, N], N = n_experts · d_mlp + d_shared), and its router into `out`. Reads
+    per-expert weights (Mixtral's block_sparse_moe w1/w3/w2, Qwen/OLMoE's gate/up/down_proj)
+    or transformers' fused in-memory layout (experts.gate_up_proj, experts.down_proj)."""
+    E = cfg.n_experts
+    moe = next(m for m in ("mlp.", "block_sparse_moe.") if p + m + "gate.weight" in s)
+    out[o + "mlp.W_router"] = s[p + moe + "gate.weight"].T
+    ex = p + moe + "experts."
+    if ex + "gate_up_proj" in s:  # [E, 2 · d_mlp, d] rows [gate | up]; down [E, d, d_mlp]
+        gate, up = s[ex + "gate_up_proj"].chunk(2, dim=1)
+        down = s[ex + "down_proj"]
+    else:
+        names = ("w1", "w3", "w2") if ex + "0.w1.weight" in s else ("gate_proj", "up_proj", "down_proj")
+        gate, up, down = (torch.stack([s[f"{ex}{e}.{n}.weight"] for e in range(E)]) for n in names)
+    mlp = {"gate_proj": gate.flatten(0, 1), "up_proj": up.flatten(0, 1),
+           "down_proj": down.transpose(0, 1).flatten(1, 2)}
+    if cfg.d_shared:  # Qwen2-MoE: the shared expert is expert E, gated by sigmoid(x · w)
+        for n in ("gate_proj", "up_proj"):
+            mlp[n] = torch.cat([mlp[n], s[p + f"mlp.shared_expert.{n}.weight"]], 0)
+        mlp["down_proj"] = torch.cat([mlp["down_proj"], s[p + "mlp.shared_expert.down_proj.weight"]], 1)
+        out[o + "mlp.W_shared_gate"] = s[p + "mlp.shared_expert_gate.weight"].T
+    return mlp
 
 
 def load_tokenizer(folder: Path):

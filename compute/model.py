@@ -118,6 +118,23 @@ class ModelConfig:
     attn_scalar: float | None = None  # scores / √attn_scalar (Gemma's query_pre_attn_scalar)
     attn_softcap: float | None = None  # scores → cap · tanh(scores / cap) (Gemma 2)
     final_softcap: float | None = None  # logits → cap · tanh(logits / cap) (Gemma 2)
+    # Mixture of experts (every layer): d_mlp is one expert's width. The experts' neurons are
+    # stored side by side as one wide gated MLP (neuron index = expert · d_mlp + neuron; the
+    # shared expert, if any, is expert n_experts, its neurons from n_experts · d_mlp on).
+    n_experts: int = 0  # routed experts; 0 means a dense MLP
+    top_k: int = 0  # experts per token
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1 (Mixtral: always)
+    d_shared: int = 0  # the shared expert's width, gated by sigmoid(x · w) (Qwen2-MoE); 0: none
+
+    @property
+    def n_mlp_nodes(self) -> int:
+        """Component-graph nodes per MLP layer: the layer, or each expert (shared one last)."""
+        return self.n_experts + (1 if self.d_shared else 0) if self.n_experts else 1
+
+    @property
+    def d_neurons(self) -> int:
+        """Neurons per MLP layer (all experts', side by side)."""
+        return self.n_experts * self.d_mlp + self.d_shared if self.n_experts else self.d_mlp
 
     def is_sliding(self, layer: int) -> bool:
         if self.sliding_window is None:
@@ -256,16 +273,44 @@ class MLP(nn.Module):
         # float32 rounding (≤ 5e-7 here); a GPT-2-small act × grad step is ~9% faster with it.
         self.act = ACT2FN[FUSED_ACTIVATIONS.get(cfg.act, cfg.act)]
         self.gated = cfg.gated_mlp
-        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))  # the gate in gated MLPs
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
-        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.cfg = cfg
+        n = cfg.d_neurons  # d_mlp, or every expert's neurons side by side
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, n))  # the gate in gated MLPs
+        self.b_in = nn.Parameter(torch.zeros(n))
+        self.W_out = nn.Parameter(torch.empty(n, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp] (the gate's input in gated MLPs)
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp] (mixture of experts: routed, weighted)
         if self.gated:
-            self.W_up = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
-            self.b_up = nn.Parameter(torch.zeros(cfg.d_mlp))
+            self.W_up = nn.Parameter(torch.empty(cfg.d_model, n))
+            self.b_up = nn.Parameter(torch.zeros(n))
             self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp] (the up projection)
+        if cfg.n_experts:
+            self.W_router = nn.Parameter(torch.empty(cfg.d_model, cfg.n_experts))
+            if cfg.d_shared:
+                self.W_shared_gate = nn.Parameter(torch.empty(cfg.d_model, 1))
+            widths = torch.tensor([cfg.d_mlp] * cfg.n_experts + ([cfg.d_shared] if cfg.d_shared else []))
+            self.register_buffer("expert_of", torch.repeat_interleave(torch.arange(len(widths)), widths),
+                                 persistent=False)  # [neurons] -> expert
+            self.hook_router_logits = HookPoint()  # [batch, pos, n_experts]
+            self.hook_expert_weights = HookPoint()  # [batch, pos, n_experts] router softmax
+            self.hook_routing = HookPoint()  # [batch, pos, n_mlp_nodes] each expert's weight
+            # (0 where not routed; the shared expert's sigmoid gate last)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Each expert's weight per token, as transformers routes: softmax over the router logits
+        (never below float32), the top-k kept (renormalised to sum 1 if norm_topk_prob), the rest 0; the
+        shared expert's weight is sigmoid(x · w). [batch, pos, n_mlp_nodes]"""
+        cfg = self.cfg
+        logits = self.hook_router_logits(x @ self.W_router)
+        probs = self.hook_expert_weights(logits.to(torch.promote_types(x.dtype, torch.float32)).softmax(-1))
+        top, idx = probs.topk(cfg.top_k, dim=-1)
+        if cfg.norm_topk_prob:
+            top = top / top.sum(-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter(-1, idx, top).to(x.dtype)
+        if cfg.d_shared:
+            weights = torch.cat([weights, torch.sigmoid(x @ self.W_shared_gate)], -1)
+        return self.hook_routing(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.hook_pre(x @ self.W_in + self.b_in)
@@ -273,7 +318,21 @@ class MLP(nn.Module):
             post = self.act(pre) * self.hook_pre_linear(x @ self.W_up + self.b_up)
         else:
             post = self.act(pre)
+        if self.cfg.n_experts:  # every expert runs on every token; unrouted ones are weighted 0
+            post = post * self.route(x)[..., self.expert_of]
         return self.hook_post(post) @ self.W_out + self.b_out  # [batch, pos, d_model]
+
+    def expert_writes(self, post: torch.Tensor) -> torch.Tensor:
+        """Each expert's write (its routed, weighted output) from hook_post: the sum of its
+        neurons' writes. [batch, pos, n_mlp_nodes, d_model]; Σ over experts = the MLP's output."""
+        cfg = self.cfg
+        E, n = cfg.n_experts, cfg.d_mlp
+        routed = torch.einsum("bpen,end->bped", post[..., : E * n].unflatten(-1, (E, n)),
+                              self.W_out[: E * n].unflatten(0, (E, n)))
+        if not cfg.d_shared:
+            return routed
+        shared = post[..., E * n:] @ self.W_out[E * n:]
+        return torch.cat([routed, shared[:, :, None, :]], dim=2)
 
 
 class Block(nn.Module):

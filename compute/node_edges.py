@@ -138,6 +138,8 @@ def sites(model: HookedTransformer) -> tuple[list[str], list[str]]:
                                 "mlp.hook_post")] + post_norm_sites(model, L)
         if cfg.gated_mlp:
             fwd.append(p + "mlp.hook_pre_linear")
+        if cfg.n_experts:
+            fwd.append(p + "mlp.hook_routing")
         bwd += [p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v", p + "mlp.hook_post"]
     for sae in spliced(model):
         fwd += [sae.info.prefix + ".hook_latents", sae.info.prefix + ".hook_error"]
@@ -189,6 +191,15 @@ def gradient_at_input(model: HookedTransformer, acts, grads, v: Down) -> tuple[t
             d_ln = slope * up * mlp.W_in[:, n] + mlp.act(gate) * mlp.W_up[:, n]
         else:
             d_ln = slope * mlp.W_in[:, n]
+        if model.cfg.n_experts:  # post = route_e(x) · act(gate) · up: the router reads x too
+            ln = blk.ln2
+            x = ln.w * acts[pre + "ln2.hook_normalized"][b, p] + ln.b
+            with torch.enable_grad():  # the top-k choice held, as any gradient holds it
+                x = x.detach().requires_grad_(True)
+                (d_route,) = torch.autograd.grad(mlp.route(x)[mlp.expert_of[n]], [x])
+            weight = acts[pre + "mlp.hook_routing"][b, p, mlp.expert_of[n]]
+            unrouted = mlp.act(gate) * (up if model.cfg.gated_mlp else 1)
+            d_ln = weight * d_ln + unrouted * d_route
         r = _through_ln(model, acts, "ln2", L, b, p, g_post * d_ln)
         return r, acts[pre + "mlp.hook_post"][b, p, n] * g_post
     W = {"q": blk.attn.W_Q, "k": blk.attn.W_K, "v": blk.attn.W_V}[v.down_input][v.index]
@@ -214,8 +225,8 @@ def _edges_from(model: HookedTransformer, acts, w: Writer, b: int, p: int, r: to
     if w.kind == "neurons":
         mlp = model.blocks[w.layer].mlp
         vals = acts[f"blocks.{w.layer}.mlp.hook_post"][b, p] * (mlp.W_out @ r)
-        return [Part("mlp_neuron", w.layer, vals, torch.arange(cfg.d_mlp, device=dev),
-                     at_p(cfg.d_mlp))], mlp.b_out @ r
+        return [Part("mlp_neuron", w.layer, vals, torch.arange(cfg.d_neurons, device=dev),
+                     at_p(cfg.d_neurons))], mlp.b_out @ r
     if w.kind == "heads":
         attn = model.blocks[w.layer].attn
         vals = expand_kv(acts[f"blocks.{w.layer}.attn.hook_v"][b], cfg.n_heads, dim=1)  # [pos, head, d_head]

@@ -43,6 +43,7 @@ def write_sites(model: HookedTransformer) -> list[str]:
     out = _embed_sites(model)
     for L in range(model.cfg.n_layers):
         out += [f"blocks.{L}.attn.hook_z", f"blocks.{L}.hook_mlp_out", *post_norm_sites(model, L)]
+        out += [f"blocks.{L}.mlp.hook_post"] if model.cfg.n_experts else []
     return out
 
 
@@ -53,8 +54,18 @@ def writes_from(model: HookedTransformer, acts: dict[str, torch.Tensor]) -> torc
         heads = torch.einsum("bphe,hed->hbpd", acts[f"blocks.{L}.attn.hook_z"], block.attn.W_O)
         gain = write_gain(model, acts, L, "attn")  # post norms: heads write through its gain
         outs += list(heads if gain is None else heads * gain)
-        outs.append(acts[f"blocks.{L}.hook_mlp_out"])
+        if model.cfg.n_experts:  # experts are the nodes: each one's routed, weighted output
+            outs += list(_expert_writes(model, L, acts[f"blocks.{L}.mlp.hook_post"], acts).unbind(2))
+        else:
+            outs.append(acts[f"blocks.{L}.hook_mlp_out"])
     return torch.stack(outs, dim=2)
+
+
+def _expert_writes(model, L, post, acts) -> torch.Tensor:
+    """[b, p, experts, d]: each expert's write (through a post-norm's gain, if any)."""
+    writes = model.blocks[L].mlp.expert_writes(post)
+    gain = write_gain(model, acts, L, "mlp")
+    return writes if gain is None else writes * gain[:, :, None, :]
 
 
 def upstream_writes(model: HookedTransformer, tokens: torch.Tensor,
@@ -137,7 +148,7 @@ def edge_mask(model: HookedTransformer, edges: Iterable[tuple[Node, Node]]) -> t
 def allowed_edges(model: HookedTransformer) -> torch.Tensor:
     """[U, V] bool: u lies upstream of v (the component graph's edges)."""
     cfg = model.cfg
-    per_layer = cfg.n_heads + 1
+    per_layer = cfg.n_heads + cfg.n_mlp_nodes
     cols = []
     for L in range(cfg.n_layers):
         cols += [1 + L * per_layer] * (cfg.n_heads + 2 * cfg.n_kv_heads)
@@ -254,8 +265,13 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
         hooks.append((p + "ln2.hook_normalized", mlp_in))
         col += 1
 
-        def mlp_done(t, name):
-            wrote(t[:, :, None], 1)
+        def mlp_done(t, name, L=L, p=p):
+            if cfg.n_experts:
+                wrote(_expert_writes(model, L, live[p + "mlp.hook_post"], live), cfg.n_mlp_nodes)
+            else:
+                wrote(t[:, :, None], 1)
+        if cfg.n_experts:
+            hooks += [(p + "mlp.hook_post", save)] + [(n, save) for n in post_norm_sites(model, L)]
         hooks.append((p + "hook_mlp_out", mlp_done))
     last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
     hooks.append((last, save))

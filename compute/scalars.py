@@ -122,6 +122,8 @@ ATTN_OUT = "blocks.{L}.hook_attn_out"
 MLP_OUT = "blocks.{L}.hook_mlp_out"
 EMBEDS = (("hook_embed", "fwd"), ("hook_pos_embed", "fwd"))
 FINAL = (FINAL_GRAD, ("ln_final.hook_scale", "fwd"), ("hook_logits_raw", "fwd"))
+EXPERT_WEIGHTS = "blocks.{L}.mlp.hook_expert_weights"
+ROUTING = "blocks.{L}.mlp.hook_routing"
 ATTN_GAIN = (("blocks.{L}.ln1_post.hook_scale", "fwd"),)  # post-norm families only
 MLP_GAIN = (("blocks.{L}.ln2_post.hook_scale", "fwd"),)
 
@@ -166,6 +168,32 @@ def _attn_write_norm(c: Ctx, L: int) -> torch.Tensor:
     else:  # the write lands at the query, through the query position's gain
         norm = torch.einsum("bkhd,bqd->bhqk", vo.square(), gain.square()).sqrt()
     return c.a(PATTERN, L) * norm
+
+
+def _per_expert(c: Ctx, L: int, per_neuron: torch.Tensor) -> torch.Tensor:
+    """Sum neuron values [b, p, neurons] over each expert's neurons: [b, p, experts]."""
+    mlp = c.model.blocks[L].mlp
+    out = per_neuron.new_zeros(*per_neuron.shape[:-1], c.model.cfg.n_mlp_nodes)
+    return out.index_add_(-1, mlp.expert_of, per_neuron)
+
+
+def _expert_act_times_grad(c: Ctx, L: int) -> torch.Tensor:
+    # each expert's write (its neurons' routed, weighted writes) · ∂target/∂(MLP output)
+    g = _gained(c.g(MLP_OUT, L), c.gain(L, "mlp"))
+    return _per_expert(c, L, c.a(POST, L) * (g @ c.model.blocks[L].mlp.W_out.T))
+
+
+def _expert_direct_effect(c: Ctx, L: int) -> torch.Tensor:
+    mlp = c.model.blocks[L].mlp
+    per_neuron = _rows_times(c, c.a(POST, L), mlp.W_out, c.gain(L, "mlp"))
+    return _per_expert(c, L, per_neuron)
+
+
+def _router_prob(c: Ctx, L: int) -> torch.Tensor:
+    probs = c.a(EXPERT_WEIGHTS, L).to(c.model.W_E.dtype)
+    if c.model.cfg.d_shared:  # the shared expert is not routed: its sigmoid gate
+        probs = torch.cat([probs, c.a(ROUTING, L)[..., -1:]], -1)
+    return probs
 
 
 def _attn_direct_effect(c: Ctx, L: int) -> torch.Tensor:
@@ -224,6 +252,8 @@ SCALARS: dict[str, Scalar] = {s.name: s for s in [
            embed_level=True),
 ]}
 
+
+
 def _sae(c: Ctx, slot: int):
     from actwh.compute.sae import spliced
 
@@ -269,10 +299,26 @@ def _attribution_scalars():
 
 SCALARS.update({s.name: s for s in _attribution_scalars()})  # compute/attribution.py
 
+# Mixture of experts: node index = expert (the shared expert, if any, last). An expert's neurons
+# are `mlp_neuron` nodes with index expert · d_mlp + neuron (models.d_mlp is one expert's width).
+EXPERT_SCALARS = [
+    Scalar("expert_act_times_grad", "mlp_expert", "token",
+           "the expert's write (its routed, weighted output) · ∂target/∂MLP output",
+           ((POST, "fwd"), (MLP_OUT, "bwd"), *MLP_GAIN), _expert_act_times_grad),
+    Scalar("expert_direct_effect", "mlp_expert", "token",
+           "the expert's write · final-residual target gradient (final norm scale frozen)",
+           ((POST, "fwd"), *MLP_GAIN, *FINAL), _expert_direct_effect),
+    Scalar("router_prob", "mlp_expert", "token",
+           "the router's softmax probability of the expert for this token (the shared expert: "
+           "its sigmoid gate)", ((EXPERT_WEIGHTS, "fwd"), (ROUTING, "fwd")), _router_prob),
+]
+SCALARS.update({s.name: s for s in EXPERT_SCALARS})
+
 # How nodes of each type are ranked when a selection names another type's scalar.
 RANKING = {"mlp_neuron": "mlp_act_times_grad", "attn_head": "attn_act_times_grad",
            "mlp": "mlp_layer_act_times_grad", "embed": "token_attribution",
-           "sae_latent": "sae_act_times_grad", "sae_error": "sae_error_act_times_grad"}
+           "sae_latent": "sae_act_times_grad", "sae_error": "sae_error_act_times_grad",
+           "mlp_expert": "expert_act_times_grad"}
 
 
 def get_scalar(name: str) -> Scalar:
@@ -295,6 +341,8 @@ class Plan:
         scalars = tuple(dict.fromkeys(get_scalar(n).name for n in names))
         fwd, bwd, final = set(), set(), False
         for s in map(SCALARS.get, scalars):
+            if s.node_type == "mlp_expert" and not model.cfg.n_experts:
+                continue  # no experts, no values (like SAE scalars without an autoencoder)
             for site, kind in s.needs:
                 if (site, kind) == FINAL_GRAD:
                     final = True
@@ -358,6 +406,8 @@ def compute_scalars(model: HookedTransformer, batch: Batch, target: str | Target
             s = SCALARS[name]
             if s.embed_level:
                 token[name] = s.fn(ctx, -1)[:, :, None, :]
+                continue
+            if s.node_type == "mlp_expert" and not model.cfg.n_experts:
                 continue
             if s.sae_level:
                 from actwh.compute.sae import spliced

@@ -71,6 +71,17 @@ def hf_config(family: str):
                                       "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                                       "full_attention": {"rope_type": "linear", "factor": 4.0,
                                                          "rope_theta": 1000.0}})
+    moe = dict(llama_like, num_key_value_heads=2, num_experts_per_tok=2)
+    if family == "mixtral":  # top-2 of 4 experts, renormalised
+        return T.MixtralConfig(**dict(moe, intermediate_size=8), num_local_experts=4)
+    if family == "qwen2_moe":  # top-2 of 4 (not renormalised) plus a gated shared expert
+        return T.Qwen2MoeConfig(**moe, num_experts=4, moe_intermediate_size=8,
+                                shared_expert_intermediate_size=12, norm_topk_prob=False)
+    if family == "qwen3_moe":  # per-head q/k norm, top-2 of 4 renormalised
+        return T.Qwen3MoeConfig(**moe, num_experts=4, moe_intermediate_size=8, head_dim=8,
+                                norm_topk_prob=True)
+    if family == "olmoe":  # q/k norm over all heads, top-2 of 4
+        return T.OlmoeConfig(**dict(moe, intermediate_size=8), num_experts=4)
     if family.startswith("rope_"):  # Llama with each rope_type transformers ships
         kind = family[len("rope_"):]
         return T.LlamaConfig(**llama_like, num_key_value_heads=2,
@@ -91,7 +102,7 @@ ROPE_VARIANTS = {
 }
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "mistral", "llama3", "qwen2_5", "qwen3", "phi3",
-            "olmo2", "gemma2", "gemma3"]
+            "olmo2", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 # logits parity only: each rope_type (llama3 and longrope are the llama3 and phi3 families)
 ROPE_FAMILIES = ["rope_linear", "rope_dynamic", "rope_yarn"]
 

@@ -66,6 +66,9 @@ def node_r(model, batch: Batch, target: str, node_type: str, layer: int, index: 
             a = blk.mlp.act(h @ blk.mlp.W_in[:, index] + blk.mlp.b_in[index])
             if model.cfg.gated_mlp:
                 a = a * (h @ blk.mlp.W_up[:, index] + blk.mlp.b_up[index])
+            if model.cfg.n_experts:  # routed: × the weight of the neuron's expert
+                e = next(i for i, (lo, hi) in enumerate(expert_slices(model.cfg)) if lo <= index < hi)
+                a = a * routing(blk.mlp, model.cfg, h)[e]
             g = g_post[b, pos, index]
             atg = post[b, pos, index] * g
         else:
@@ -121,7 +124,7 @@ def writes(model, batch: Batch, node_type: str, layer: int, pos: int, b: int = 0
             bias = bias + blk.attn.b_O * gain_at(L, "ln1_post")
         if L < neurons_upto:
             post = a[f"blocks.{L}.mlp.hook_post"][b, pos]
-            for n in range(cfg.d_mlp):
+            for n in range(post.shape[-1]):  # d_mlp, or every expert's neurons
                 out[("mlp_neuron", L, n, pos)] = post[n] * blk.mlp.W_out[n] * gain_at(L, "ln2_post")
             bias = bias + blk.mlp.b_out * gain_at(L, "ln2_post")
     return out, bias
@@ -139,19 +142,56 @@ def node_edges_ref(model, batch: Batch, target: str, node_type: str, layer: int,
 
 # --- component graph ------------------------------------------------------------------------
 
+def expert_slices(cfg):
+    """Neuron ranges of each expert: expert e's neurons are e·d_mlp … (e+1)·d_mlp − 1, the shared
+    expert (last) after all routed ones."""
+    out = [(e * cfg.d_mlp, (e + 1) * cfg.d_mlp) for e in range(cfg.n_experts)]
+    if cfg.d_shared:
+        out.append((cfg.n_experts * cfg.d_mlp, cfg.n_experts * cfg.d_mlp + cfg.d_shared))
+    return out
+
+
+def routing(mlp, cfg, x):
+    """transformers' routing by hand: float softmax over router logits, top-k (renormalised when
+    the config says so), zeros elsewhere; the shared expert's sigmoid gate appended."""
+    probs = torch.softmax((x @ mlp.W_router).double(), -1)
+    top, idx = torch.topk(probs, cfg.top_k, dim=-1)
+    if cfg.norm_topk_prob:
+        top = top / top.sum(-1, keepdim=True)
+    w = torch.zeros_like(probs).scatter(-1, idx, top).to(x.dtype)
+    if cfg.d_shared:
+        w = torch.cat([w, torch.sigmoid(x @ mlp.W_shared_gate)], -1)
+    return w
+
+
+def normalized(norm, x):
+    """A pre-norm's normalized value of x, by its formula (OLMo 2's identity norms pass x)."""
+    if norm.kind == "none":
+        return x
+    if not norm.rms:
+        x = x - x.mean(-1, keepdim=True)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+
+
 def component_outputs(model, batch: Batch, extra_hooks=()):
     """Upstream writes of the component graph: embed (+pos), z_h W_O_h per head (through a
     post-norm's frozen gain), MLP outputs."""
     names = ["hook_embed"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_points else [])
     names += [f"blocks.{L}.{s}" for L in range(model.cfg.n_layers) for s in ("attn.hook_z", "hook_mlp_out")]
     names += _gain_sites(model)
+    names += [f"blocks.{L}.mlp.hook_post" for L in range(model.cfg.n_layers)]
     a = model.run_with_cache(batch.tokens, names, attention_mask=batch.mask, fwd_hooks=extra_hooks).acts
     outs = [a["hook_embed"] + a.get("hook_pos_embed", 0)]
     for L, blk in enumerate(model.blocks):
         gain = _gain(model, a, L, "ln1_post")
         for h in range(model.cfg.n_heads):
             outs.append(gain * (a[f"blocks.{L}.attn.hook_z"][:, :, h] @ blk.attn.W_O[h]))
-        outs.append(a[f"blocks.{L}.hook_mlp_out"])
+        if model.cfg.n_experts:  # each expert: its own neurons' (routed, weighted) writes
+            post = a[f"blocks.{L}.mlp.hook_post"]
+            for lo, hi in expert_slices(model.cfg):
+                outs.append(_gain(model, a, L, "ln2_post") * (post[..., lo:hi] @ blk.mlp.W_out[lo:hi]))
+        else:
+            outs.append(a[f"blocks.{L}.hook_mlp_out"])
     return outs
 
 
@@ -177,15 +217,11 @@ def component_grad(model, batch: Batch, target: str, node_type: str, layer: int,
             return t
         hooks += [(f"blocks.{layer}.hook_resid_pre", grab),
                   (f"blocks.{layer}.attn.hook_{down_input}", swap)]
-    elif node_type == "mlp":
+    elif node_type == "mlp":  # the MLP (router and experts included) reads the copy
         blk = model.blocks[layer]
         src = "hook_resid_pre" if cfg.parallel else "hook_resid_mid"
         hooks += [(f"blocks.{layer}.{src}", grab),
-                  (f"blocks.{layer}.mlp.hook_pre",
-                   lambda t, n: blk.ln2(copy["x"]) @ blk.mlp.W_in + blk.mlp.b_in)]
-        if cfg.gated_mlp:
-            hooks.append((f"blocks.{layer}.mlp.hook_pre_linear",
-                          lambda t, n: blk.ln2(copy["x"]) @ blk.mlp.W_up + blk.mlp.b_up))
+                  (f"blocks.{layer}.ln2.hook_normalized", lambda t, n: normalized(blk.ln2, copy["x"]))]
     else:
         def keep(t, name):
             copy["x"] = t

@@ -243,3 +243,49 @@ def test_run_reports_edges_into_target_beside_corrupt_metric(tmp_path, gpt2_dir)
         assert row["metric"] == pytest.approx(float(want), abs=1e-4)
         assert row["edges_to_target"] == pytest.approx(into, abs=1e-4)
         assert abs(into) > 1e-3
+
+
+def test_mixture_of_experts_populates_expert_nodes_and_edges(tmp_path):
+    """A mixture-of-experts checkpoint end to end: expert scalars and component edges from
+    experts are stored as `mlp_expert` rows equal to the tensors they came from."""
+    import numpy as np
+
+    from actwh.compute.prompts import read_prompts
+    from actwh.compute.scalars import compute_scalars
+    from actwh.runner import EdgeOptions, PopulateOptions, encode_all, populate
+    from actwh.warehouse import Warehouse
+
+    from conftest import IOI_ROWS, save_tiny, write_prompts
+
+    folder = save_tiny("qwen2_moe", tmp_path / "moe")
+    prompts = write_prompts(tmp_path / "p.jsonl", IOI_ROWS[:2])
+    db = tmp_path / "wh.duckdb"
+    opts = PopulateOptions(prompts=str(prompts), model=str(folder), batch_size=1, target="logit_diff",
+                           scalars=("expert_act_times_grad", "router_prob"), select="dense",
+                           edges=EdgeOptions(select="dense"))
+    run = populate(db, opts, progress=False).run_id
+    wh = Warehouse(db)
+    loaded = load_model(folder, device="cpu")
+    cfg = loaded.model.cfg
+    for e in encode_all(loaded, read_prompts(prompts), TARGETS["logit_diff"], False):
+        ids = torch.tensor([e.ids])
+        batch = Batch(ids, torch.ones_like(ids), torch.tensor([e.target]), torch.tensor([e.distractor]))
+        res = compute_scalars(loaded.model, batch, "logit_diff", ["expert_act_times_grad", "router_prob"])
+        rows = wh.sql("SELECT scalar::VARCHAR AS scalar, position, layer, node_index, value FROM node_scalars "
+                      "WHERE run_id = $r AND prompt_id = $p AND node_type = 'mlp_expert'", r=run, p=e.prompt_id)
+        n_nodes = cfg.n_experts + 1  # the shared expert is the last index
+        assert rows.height == 2 * len(e.ids) * cfg.n_layers * n_nodes
+        for r in rows.iter_rows(named=True):
+            want = res.token[r["scalar"]][0, r["position"], r["layer"], r["node_index"]]
+            assert np.float32(r["value"]) == np.float32(want.item())
+        edges = component_edges(loaded.model, batch, "logit_diff")
+        got = wh.sql("SELECT up_layer, up_index, down_layer, down_type::VARCHAR AS down_type, down_index, "
+                     "down_input::VARCHAR AS down_input, value FROM edges WHERE run_id = $r AND prompt_id = $p "
+                     "AND up_type = 'mlp_expert'", r=run, p=e.prompt_id)
+        assert got.height > 0 and set(got["up_index"]) == set(range(n_nodes))
+        up = {(n.layer, n.index): i for i, n in enumerate(edges.up) if n.node_type == "mlp_expert"}
+        down = {(n.layer, n.node_type, n.index, n.down_input): j for j, n in enumerate(edges.down)}
+        for r in got.iter_rows(named=True):
+            j = down[(r["down_layer"], r["down_type"], 0 if r["down_type"] == "logit" else r["down_index"],
+                      r["down_input"])]
+            assert np.float32(r["value"]) == np.float32(edges.values[0, up[(r["up_layer"], r["up_index"])], j].item())

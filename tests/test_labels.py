@@ -32,10 +32,11 @@ def test_known_labels():
     assert node_label(3, "logit", 17, " Mary") == 'logit:" Mary"'
     assert node_label(3, "logit", 17) == "logit17"
     assert node_label(3, "logit", -1) == "logit"  # the loss has no target token
-    assert node_label(1, "mlp_expert", 4) == "mlp_expert1_4"  # a type without an entry
+    assert node_label(1, "mlp_expert", 4) == "L1E4"
+    assert node_label(1, "new_type", 4) == "new_type1_4"  # a type without an entry
 
 
-@pytest.mark.parametrize("node_type", [*NODE_TYPES, "mlp_expert"])
+@pytest.mark.parametrize("node_type", [*NODE_TYPES, "new_type"])
 def test_sql_and_python_agree_on_every_node_type(tmp_path, node_type):
     db = tmp_path / "w.duckdb"
     WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))  # the file's own macro, as a warehouse has it

@@ -161,8 +161,12 @@ def expected_shape(name: str, cfg, b: int, p: int):
         return (b, p, cfg.n_kv_heads, cfg.d_head)
     if leaf in ("hook_attn_scores", "hook_pattern"):
         return (b, cfg.n_heads, p, p)
-    if leaf in ("hook_pre", "hook_post", "hook_pre_linear"):
-        return (b, p, cfg.d_mlp)
+    if leaf in ("hook_pre", "hook_post", "hook_pre_linear"):  # every expert's neurons side by side
+        return (b, p, cfg.n_experts * cfg.d_mlp + cfg.d_shared if cfg.n_experts else cfg.d_mlp)
+    if leaf in ("hook_router_logits", "hook_expert_weights"):
+        return (b, p, cfg.n_experts)
+    if leaf == "hook_routing":
+        return (b, p, cfg.n_experts + (1 if cfg.d_shared else 0))
     return (b, p, cfg.d_model)
 
 
@@ -217,6 +221,11 @@ def test_unsupported_configurations_are_one_line_errors_naming_the_field(tmp_pat
     with pytest.raises(UnsupportedArchitecture, match="vision_config") as err:
         load_model(vision, device="cpu")
     assert "\n" not in str(err.value)
+    moe = save_tiny("mixtral", tmp_path / "moe")
+    router = _edited_config(moe, tmp_path / "router", scoring_func="sigmoid")
+    with pytest.raises(UnsupportedArchitecture, match="scoring_func 'sigmoid'") as err:
+        load_model(router, device="cpu")
+    assert "\n" not in str(err.value)
     chunked = _edited_config(folder, tmp_path / "chunked", model_type="qwen2", sliding_window=4,
                              use_sliding_window=True,
                              layer_types=["chunked_attention", "full_attention"])
@@ -249,3 +258,22 @@ def test_sharded_and_bin_checkpoints_load_identically(tmp_path):
         want = base(tokens)
         for sub in ("sharded", "bin"):
             assert torch.equal(load_model(tmp_path / sub, device="cpu").model(tokens), want)
+
+
+def test_sites_command_lists_each_familys_own_sites(tmp_path):
+    """`actwh sites --model DIR` shows the per-family sites README documents."""
+    from click.testing import CliRunner
+
+    from actwh.cli.main import cli
+
+    expected = {"gemma2": ["blocks.0.ln1_post.hook_scale", "blocks.1.ln2_post.hook_normalized",
+                           "hook_logits_raw"],
+                "qwen3": ["blocks.0.attn.q_norm.hook_scale", "blocks.1.attn.k_norm.hook_normalized"],
+                "qwen2_moe": ["blocks.0.mlp.hook_router_logits", "blocks.0.mlp.hook_expert_weights",
+                              "blocks.1.mlp.hook_routing"]}
+    for family, names in expected.items():
+        out = CliRunner().invoke(cli, ["sites", "--model", str(save_tiny(family, tmp_path / family))])
+        assert out.exit_code == 0, out.output
+        listed = out.output.split()
+        assert all(n in listed for n in names), (family, names)
+        assert "hook_logits_raw" not in listed or family == "gemma2"

@@ -111,21 +111,25 @@ def test_one_patched_edge_changes_its_input_by_its_write_difference(tiny_model):
     bad = corrupt_tokens(tiny_model.tokenizer)
     up, down = upstream_nodes(model), downstream_nodes(model)
     blk = model.blocks[1]
+    mlp_node = Node(0, "mlp_expert", 1) if cfg.n_experts else Node(0, "mlp", 0)
     for u, site, h in ((Node(0, "attn_head", 2), "q", 1), (Node(-1, "embed", 0), "k", 0),
-                       (Node(0, "mlp", 0), "v", cfg.n_kv_heads - 1)):
+                       (mlp_node, "v", cfg.n_kv_heads - 1)):
         v = Node(1, "attn_head", h, site)
         keep = torch.ones(len(up), len(down), dtype=torch.bool)
         keep[up.index(u), down.index(v)] = False
         # the write of u, by hand, on both prompts
         names = ["hook_embed", "blocks.0.attn.hook_z", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre"]
         names += ["hook_pos_embed"] if "hook_pos_embed" in model.hook_points else []
-        names += gain_sites(model, 0)
+        names += gain_sites(model, 0) + ["blocks.0.mlp.hook_post"]
 
         def write(cache):
             if u.node_type == "embed":
                 return cache.acts["hook_embed"] + cache.acts.get("hook_pos_embed", 0)
             if u.node_type == "mlp":
                 return cache.acts["blocks.0.hook_mlp_out"]
+            if u.node_type == "mlp_expert":  # expert 1: its neurons' routed, weighted writes
+                lo, hi = cfg.d_mlp, 2 * cfg.d_mlp
+                return cache.acts["blocks.0.mlp.hook_post"][..., lo:hi] @ model.blocks[0].mlp.W_out[lo:hi]
             return post_gain(model, cache.acts, 0, "ln1_post") * (
                 cache.acts["blocks.0.attn.hook_z"][:, :, u.index] @ model.blocks[0].attn.W_O[u.index])
         c = model.run_with_cache(batch.tokens, names, attention_mask=batch.mask)

@@ -242,3 +242,52 @@ def test_write_norms_equal_the_norm_of_each_write_vector(model64):
         if model.cfg.post_norm:  # through the post-norm, its scale frozen, at each position
             write = write * post_gain(model, cache.acts, L, "ln2_post")[:, :, None, :]
         assert torch.allclose(res.token["mlp_write_norm"][:, :, L], write.norm(dim=-1), atol=1e-10)
+
+
+def test_experts_are_nodes_that_sum_to_the_mlp_and_match_transformers_router(model64, family_dir):
+    """Mixture of experts: each expert's write (its neurons' routed, weighted writes, expert e =
+    neurons e·d_mlp … (e+1)·d_mlp − 1, a shared expert last) sums to the MLP output; the expert
+    scalars against the layer's, a finite difference and transformers' own router logits."""
+    import transformers as T
+
+    from reference import expert_slices
+
+    model = model64.model
+    cfg = model.cfg
+    b = make_batch(model64, "left")
+    if not cfg.n_experts:  # dense MLPs: expert scalars have no values, as SAE scalars without one
+        res = compute_scalars(model, b, "logit_diff", ["router_prob", "mlp_post_act"])
+        assert "router_prob" not in res.token and "mlp_post_act" in res.token
+        return
+    names = ["expert_act_times_grad", "expert_direct_effect", "router_prob",
+             "mlp_layer_act_times_grad", "mlp_layer_direct_effect"]
+    res = compute_scalars(model, b, "logit_diff", names)
+    real = b.mask.bool()
+    sites = [f"blocks.{L}.{s}" for L in range(cfg.n_layers) for s in ("mlp.hook_post", "hook_mlp_out")]
+    cache = model.run_with_cache(b.tokens, sites, attention_mask=b.mask)
+    for L in range(cfg.n_layers):
+        post, W_out = cache.acts[f"blocks.{L}.mlp.hook_post"], model.blocks[L].mlp.W_out
+        writes = [post[..., lo:hi] @ W_out[lo:hi] for lo, hi in expert_slices(cfg)]
+        assert len(writes) == res.token["router_prob"].shape[-1]
+        assert (sum(writes) - cache.acts[f"blocks.{L}.hook_mlp_out"])[real].abs().max() <= 1e-10
+        routed = torch.stack([(w != 0).any(-1) for w in writes], -1)[real]  # [tokens, experts]
+        assert (routed[:, :cfg.n_experts].sum(-1) == cfg.top_k).all()  # top-k experts write
+        for name, layer in (("expert_act_times_grad", "mlp_layer_act_times_grad"),
+                            ("expert_direct_effect", "mlp_layer_direct_effect")):
+            assert torch.allclose(res.token[name][:, :, L].sum(-1), res.token[layer][:, :, L, 0], atol=1e-10)
+    # act × grad of one expert vs scaling its write (all its neurons) by 1 ± eps
+    p, L = int(b.mask[0].nonzero()[-1]), 0
+    e = int(res.token["expert_act_times_grad"][0, p, L].abs().argmax())
+    lo, hi = expert_slices(cfg)[e]
+    fd = finite_difference(model, b, "logit_diff", f"blocks.{L}.mlp.hook_post", (0, p, slice(lo, hi)))[0]
+    value = float(res.token["expert_act_times_grad"][0, p, L, e])
+    assert value != 0 and abs(value - float(fd)) <= max(1e-6, 0.01 * abs(float(fd)))
+    # router probabilities against transformers' router logits, on one unpadded prompt
+    hf = T.AutoModelForCausalLM.from_pretrained(family_dir[1], dtype=torch.float32).eval()
+    one = make_batch(model64, texts=PROMPTS[:1])
+    with torch.no_grad():
+        out = hf(input_ids=one.tokens, output_router_logits=True)
+    mine = compute_scalars(model, one, "logit", ["router_prob"]).token["router_prob"][0]
+    for L, logits in enumerate(out.router_logits):
+        want = logits.double().softmax(-1)  # [pos, experts]
+        assert torch.allclose(mine[:, L, :cfg.n_experts], want, atol=1e-5)

@@ -7,6 +7,7 @@ CREATE OR REPLACE MACRO node_label(layer, node_type, node_index, token := NULL) 
         WHEN 'attn_head' THEN 'L' || CAST(layer AS VARCHAR) || 'H' || CAST(node_index AS VARCHAR)
         WHEN 'mlp' THEN 'L' || CAST(layer AS VARCHAR) || '.mlp'
         WHEN 'mlp_neuron' THEN 'L' || CAST(layer AS VARCHAR) || 'N' || CAST(node_index AS VARCHAR)
+        WHEN 'mlp_expert' THEN 'L' || CAST(layer AS VARCHAR) || 'E' || CAST(node_index AS VARCHAR)
         WHEN 'sae_latent' THEN 'L' || CAST(layer AS VARCHAR) || 'F' || CAST(node_index AS VARCHAR)
         WHEN 'sae_error' THEN 'L' || CAST(layer AS VARCHAR) || '.err'
         WHEN 'logit' THEN 'logit' || coalesce(':"' || token || '"', CASE WHEN node_index >= 0 THEN CAST(node_index AS VARCHAR) ELSE '' END)
