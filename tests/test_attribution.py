@@ -105,7 +105,11 @@ def test_node_attributions_are_the_eap_edges_out_of_each_node(tiny_model, ig_ste
                              bad, ig_steps)
     edges = component_edges(model, batch, "logit_diff", corrupt=bad, ig_steps=ig_steps)
     out_sum = edges.values.sum(-1)  # [b, U]
+    experts = {}  # mixture of experts: the layer's experts together are its MLP
     for i, u in enumerate(upstream_nodes(model)):
+        if u.node_type == "mlp_expert":
+            experts[u.layer] = experts.get(u.layer, 0) + out_sum[:, i]
+            continue
         if u.node_type == "embed":
             mine = ours["embed_attribution"].sum((1, 2, 3))
         elif u.node_type == "mlp":
@@ -113,6 +117,9 @@ def test_node_attributions_are_the_eap_edges_out_of_each_node(tiny_model, ig_ste
         else:
             mine = ours["attn_attribution"][:, :, u.layer, u.index].sum(1)
         assert torch.allclose(mine, out_sum[:, i], atol=1e-4, rtol=1e-4), u
+    for L, total in experts.items():
+        mine = ours["mlp_layer_attribution"][:, :, L, 0].sum(1)
+        assert torch.allclose(mine, total, atol=1e-4, rtol=1e-4), L
 
 
 def test_zero_baseline_is_act_times_grad_and_bad_input_refused(gpt2_dir):
