@@ -93,11 +93,15 @@ def stored(tmp_path_factory):
         n_heads=3, d_model=8, d_head=4, d_mlp=8, d_vocab=48, n_ctx=16, config={}))
     writer.create_run(model, name="graphs", target="logit", scalars="mlp_post_act",
                       selection="dense", code_version="test", device="cpu", dtype="float32",
-                      n_prompts=4, options={})
+                      n_prompts=5, options={})
     rng = random.Random(11)
     graphs = {}
-    empty = pa.table({"run_id": pa.array([], pa.int32()), "prompt_id": pa.array([], pa.int32()),
-                      "text": pa.array([], pa.string()), "n_tokens": pa.array([], pa.int32())})
+    def prompt_rows(ids):
+        return pa.table({"run_id": pa.array([1] * len(ids), pa.int32()),
+                         "prompt_id": pa.array(ids, pa.int32()),
+                         "text": pa.array([f"prompt {i}" for i in ids], pa.string()),
+                         "n_tokens": pa.array([3] * len(ids), pa.int32())})
+    writer.append_batch(1, {"prompts": prompt_rows([4])})  # a prompt without edges
     for prompt in range(4):
         edges = graph(rng)
         graphs[prompt] = edges
@@ -107,7 +111,7 @@ def stored(tmp_path_factory):
         types = {"run_id": pa.int32(), "prompt_id": pa.int32(), "up_layer": pa.int16(),
                  "up_index": pa.int32(), "up_pos": pa.int32(), "down_layer": pa.int16(),
                  "down_index": pa.int32(), "down_pos": pa.int32(), "value": pa.float32()}
-        writer.append_batch(1, {"prompts": empty, "edges": pa.table(
+        writer.append_batch(1, {"prompts": prompt_rows([prompt]), "edges": pa.table(
             {k: pa.array(c, types.get(k, pa.string())) for k, c in zip(names, cols)})})
     # the stored values are float32: the reference sees what find_circuit sees
     graphs = {k: [(u, d, float(np.float32(v))) for u, d, v in g] for k, g in graphs.items()}
@@ -239,7 +243,9 @@ def test_edge_cases(stored):
     from actwh.errors import ActwhError
 
     wh = Warehouse(stored[0])
-    with pytest.raises(ActwhError, match=re.escape("run 1 has no edges for prompt 9 (populate with --edges)")):
+    with pytest.raises(ActwhError, match=re.escape("run 1 has no edges for prompt 4 (populate with --edges)")):
+        find_circuit(wh, 1, 4)
+    with pytest.raises(ActwhError, match="prompt=9 is not in run 1"):
         find_circuit(wh, 1, 9)
     with pytest.raises(ActwhError, match="no run 2"):
         find_circuit(wh, 2, 0)
