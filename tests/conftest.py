@@ -167,6 +167,8 @@ def direct_effect_sites(model):
 
 def softcap_t(model, acts, r):
     """Per readout entry, logit / uncapped logit = cap · tanh(z / cap) / z (1 without a cap)."""
+    import torch
+
     if not model.cfg.final_softcap:
         return 1.0
     z = acts["hook_logits_raw"][r.batch, r.pos, r.vocab]

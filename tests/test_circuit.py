@@ -235,7 +235,7 @@ def test_labels_dot_and_json(stored):
 def test_bad_arguments_are_named(stored, kw, says):
     from actwh.errors import ActwhError
 
-    with pytest.raises(ActwhError, match=re.escape(says)):
+    with pytest.raises(ActwhError, match="^" + re.escape(says)):
         find_circuit(Warehouse(stored[0]), 1, 0, **kw)
 
 
@@ -243,7 +243,7 @@ def test_edge_cases(stored):
     from actwh.errors import ActwhError
 
     wh = Warehouse(stored[0])
-    with pytest.raises(ActwhError, match=re.escape("run 1 has no edges for prompt 4 (populate with --edges)")):
+    with pytest.raises(ActwhError, match="^" + re.escape("run 1 has no edges for prompt 4 (populate with --edges)") + "$"):
         find_circuit(wh, 1, 4)
     with pytest.raises(ActwhError, match="prompt=9 is not in run 1"):
         find_circuit(wh, 1, 9)
