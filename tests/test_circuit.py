@@ -253,3 +253,8 @@ def test_edge_cases(stored):
     c = find_circuit(wh, 1, 0, node_threshold=1.0, edge_threshold=1.0)
     assert keys(c) == reference_prune(stored[1][0], 1.0, 1.0)[1]
     assert find_circuit(wh, 1, 0, "threshold", value=0.0).edges.height == len(stored[1][0])
+    assert find_circuit(wh, 1, 0, "top-n", n=1).edges.height == 1  # n = 1 is a valid request
+    # influence_prune's own defaults are the documented 0.8 / 0.98
+    from actwh.queries.circuit import influence_prune, load_edges
+
+    assert keys(influence_prune(load_edges(wh, 1, 0))) == reference_prune(stored[1][0], 0.8, 0.98)[1]

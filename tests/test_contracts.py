@@ -34,3 +34,28 @@ def test_selection_errors_give_the_selection_syntax(bad, says):
 
     with pytest.raises(ActwhError, match="^" + re.escape(says) + "$"):
         Selection.parse(bad)
+
+
+def test_few_kept_rows_still_go_node_by_node_then_by_position():
+    """The sparse path of selection (few kept entries, sorted rather than scanned): rows of a
+    prompt go scalar, layer, node, then position, as the dense path writes them."""
+    import torch
+
+    from actwh.compute.scalars import SCALARS, Plan, ScalarResults
+    from actwh.compute.selection import Selection
+    from actwh.rows import to_columns
+
+    g = torch.Generator().manual_seed(5)
+    b, p, L, n = 2, 6, 3, 8  # 2 x 144 entries, 4 kept per prompt: the sorted path
+    token = {"mlp_act_times_grad": torch.randn(b, p, L, n, generator=g)}
+    mask = torch.ones(b, p, dtype=torch.long)
+    res = ScalarResults(token, {}, torch.zeros(b), torch.zeros(b), mask,
+                        Plan((), frozenset(), frozenset(), False))
+    cols = to_columns(res, ["mlp_act_times_grad"], Selection.parse("top-k:4:mlp_act_times_grad"), [0, 1]).node
+    keys = list(zip(cols["prompt_id"].tolist(), cols["layer"].tolist(), cols["node_index"].tolist(),
+                    cols["position"].tolist()))
+    assert keys == sorted(keys) and len(keys) == 8
+    for pid in (0, 1):
+        top = token["mlp_act_times_grad"][pid].abs().flatten().topk(4).indices.tolist()
+        want = sorted((pid, (i // n) % L, i % n, i // (L * n)) for i in top)
+        assert [k for k in keys if k[0] == pid] == want
