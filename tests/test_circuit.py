@@ -254,6 +254,10 @@ def test_edge_cases(stored):
     assert keys(c) == reference_prune(stored[1][0], 1.0, 1.0)[1]
     assert find_circuit(wh, 1, 0, "threshold", value=0.0).edges.height == len(stored[1][0])
     assert find_circuit(wh, 1, 0, "top-n", n=1).edges.height == 1  # n = 1 is a valid request
+    # reachable without a threshold walks every edge: all of them reach the target or not
+    everything = find_circuit(wh, 1, 0, "reachable", value=0.0)
+    assert keys(find_circuit(wh, 1, 0, "reachable")) == keys(everything)
+    assert everything.edges.height > find_circuit(wh, 1, 0, "reachable", value=0.3).edges.height
     # influence_prune's own defaults are the documented 0.8 / 0.98
     from actwh.queries.circuit import influence_prune, load_edges
 
