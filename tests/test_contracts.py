@@ -59,3 +59,40 @@ def test_few_kept_rows_still_go_node_by_node_then_by_position():
         top = token["mlp_act_times_grad"][pid].abs().flatten().topk(4).indices.tolist()
         want = sorted((pid, (i // n) % L, i % n, i // (L * n)) for i in top)
         assert [k for k in keys if k[0] == pid] == want
+
+
+@pytest.mark.parametrize("rule", ["dense", "top-k:3:attn_act_times_grad"])
+def test_pair_rows_alone_are_the_kept_heads_real_causal_keys(rule):
+    """A pair scalar requested alone (no token scalar of heads to select by): dense keeps every
+    head's whole row at every real query, top-k the rows of the heads its ranking keeps; keys
+    are the real ones at or before the query; positions count from the first real token."""
+    import torch
+
+    from actwh.compute.scalars import Plan, ScalarResults
+    from actwh.compute.selection import Selection
+    from actwh.rows import to_columns
+
+    g = torch.Generator().manual_seed(7)
+    b, p, L, h = 2, 5, 2, 3
+    pattern = torch.rand(b, L, h, p, p, generator=g)
+    rank = torch.randn(b, p, L, h, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])  # left and right padded
+    res = ScalarResults({"attn_act_times_grad": rank}, {"attn_pattern": pattern}, torch.zeros(b),
+                        torch.zeros(b), mask, Plan((), frozenset(), frozenset(), False))
+    cols = to_columns(res, ["attn_pattern"], Selection.parse(rule), [3, 4]).pair
+    got = {(pid, layer, head, q, k): v for pid, layer, head, q, k, v in zip(
+        *(cols[c].tolist() for c in ("prompt_id", "layer", "head", "query_pos", "key_pos", "value")))}
+    want = {}
+    for i, first in ((0, 2), (1, 0)):
+        real = [x for x in range(p) if mask[i, x]]
+        heads = {(q, layer, head) for q in real for layer in range(L) for head in range(h)}
+        if rule != "dense":
+            scores = sorted(((abs(float(rank[i, q, layer, head])), (q, layer, head)) for q, layer, head in heads),
+                            reverse=True)
+            heads = {key for _, key in scores[:3]}
+        for q, layer, head in heads:
+            for k in real:
+                if k <= q:
+                    want[(3 + i, layer, head, q - first, k - first)] = float(pattern[i, layer, head, q, k])
+    assert got.keys() == want.keys()
+    assert all(got[key] == pytest.approx(want[key]) for key in want)
