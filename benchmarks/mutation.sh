@@ -23,8 +23,8 @@ PY=${PY:-.venv/bin/python}
 PYTEST="$PY -m pytest -x -q -p no:cacheprovider -p no:randomly"
 
 declare -A TESTS=(
-  [compute/keep.py]="tests/test_keep.py tests/test_selection.py"
-  [compute/selection.py]="tests/test_selection.py tests/test_keep.py tests/test_stored_rows.py -k 'not qwen2 and not component and not metric'"
+  [compute/keep.py]="tests/test_keep.py tests/test_selection.py tests/test_contracts.py"
+  [compute/selection.py]="tests/test_contracts.py tests/test_selection.py tests/test_keep.py tests/test_sae.py tests/test_stored_rows.py -k 'not qwen2 and not component and not metric'"
   [compute/node_edges.py]="tests/test_node_edges.py tests/test_stored_rows.py tests/test_sae_edges.py -k 'not qwen2 and not mistral and not llama and not metric and not component and not top_k_at'"
   [queries/circuit.py]="tests/test_circuit.py"
   [queries/loader.py]="tests/test_queries.py"
