@@ -6,10 +6,20 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
+# tiny models: a second thread only adds synchronisation. Set before torch is first imported
+# (torch reads it then), and torch is imported lazily, so tests of the warehouse, the saved
+# queries and circuits start without it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    import sys
+
+    if "torch" in sys.modules:  # imported by the collected test modules
+        sys.modules["torch"].set_num_threads(1)
 
 WORDS = ("the a and to of in was he she it cat dog Mary John store gave drink went when "
          "then apple ball red blue one two three four five six seven eight nine ten , .").split()
@@ -109,6 +119,7 @@ ROPE_FAMILIES = ["rope_linear", "rope_dynamic", "rope_yarn"]
 
 def save_tiny(family: str, folder, seed: int = 0):
     """A random checkpoint with non-trivial norms and biases, written by `save_pretrained`."""
+    import torch
     import transformers as T
 
     torch.manual_seed(seed)
@@ -167,6 +178,8 @@ def direct_effect_sites(model):
 
 def softcap_t(model, acts, r):
     """Per readout entry, logit / uncapped logit = cap · tanh(z / cap) / z (1 without a cap)."""
+    import torch
+
     if not model.cfg.final_softcap:
         return 1.0
     z = acts["hook_logits_raw"][r.batch, r.pos, r.vocab]
@@ -175,6 +188,8 @@ def softcap_t(model, acts, r):
 
 def padded_batch(tokenizer, texts, side="right"):
     """Token ids and attention mask, padded on `side`."""
+    import torch
+
     ids = [tokenizer(t).input_ids for t in texts]
     n = max(map(len, ids))
     pad = tokenizer.pad_token_id

@@ -54,9 +54,9 @@ def spliced_model(request, family_dir, tmp_path):
     return loaded.model, batch, before
 
 
-def reference_r(model, batch, v: Down, g_fixed) -> torch.Tensor:
-    """∂(act_v · g_fixed)/∂(v's private copy of its input) by autograd through the real modules:
-    the input is captured from a forward pass and re-encoded (through ln2 for a transcoder)."""
+def reference_r(model, batch, v: Down, g_fixed) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂(act_v · g_fixed)/∂(v's private copy of its input) by autograd through the real modules,
+    and that input: captured from a forward pass and re-encoded (through ln2 for a transcoder)."""
     grabbed = {}
     if v.node_type == "logit":
         site = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
@@ -67,7 +67,7 @@ def reference_r(model, batch, v: Down, g_fixed) -> torch.Tensor:
         with torch.enable_grad(), model.hooks(fwd=[(site, swap)]):
             metric = TARGETS["logit_diff"].metric(model(batch.tokens, batch.mask), batch).sum()
             (g,) = torch.autograd.grad(metric, [grabbed["x"]])
-        return g
+        return g, grabbed["x"].detach()
     sae = at(model, v.layer)
     if sae.info.kind == "transcoder":
         src = f"blocks.{v.layer}.hook_resid_{'pre' if model.cfg.parallel else 'mid'}"
@@ -85,7 +85,7 @@ def reference_r(model, batch, v: Down, g_fixed) -> torch.Tensor:
         inp = model.blocks[v.layer].ln2(x) if sae.info.kind == "transcoder" else x
         act = sae.encode(inp)[v.batch_index, v.pos, v.index]
         (g,) = torch.autograd.grad(act * g_fixed, [x])
-    return g
+    return g, x.detach()
 
 
 def test_transcoder_splice_is_exact_and_latents_match_weights(family_dir, tmp_path):
@@ -128,12 +128,15 @@ def test_edges_into_latents_and_target_equal_autograd_and_sum_exactly(spliced_mo
         g_fixed = None
         if v.node_type == "sae_latent":
             g_fixed = cache.grads[at(model, v.layer).info.prefix + ".hook_latents"][b, p, v.index]
-        ref = reference_r(model, batch, v, g_fixed)
+        ref, x = reference_r(model, batch, v, g_fixed)
+        assert ref[b, p].abs().max() > 1e-6, v  # the target depends on v
         assert torch.allclose(res.r, ref[b, p], atol=1e-10), v
         off = ref[b].clone()
         off[p] = 0
         assert off.abs().max() < 1e-12  # only v's own position is read
-        assert torch.isclose(res.total() + res.bias, res.r_dot_in, atol=1e-10), v
+        # Completeness against the reference's own input: Σ_u edge(u -> v) + bias = r · x_v.
+        assert torch.isclose(res.total() + res.bias, x[b, p] @ ref[b, p], atol=1e-10), v
+        assert torch.isclose(res.r_dot_in, x[b, p] @ ref[b, p], atol=1e-10), v
         # Edges against writes rebuilt from the cache, independently of the module's layout.
         for part in res.parts:
             if part.node_type == "sae_latent":

@@ -180,7 +180,8 @@ def test_token_forms_equal_independent_head_quantities(model64):
     assert torch.isclose(res.pair["attn_write_norm"][0, L, h, q, k], write.norm())
 
 
-def test_padded_batch_equals_prompts_one_at_a_time(tiny_model):
+def test_padded_batch_equals_prompts_one_at_a_time(tiny_model, hf_model):
+    """Left padding changes nothing; each prompt alone is anchored to `transformers`' logits."""
     model = tiny_model.model
     names = list(SCALARS)
     batch = make_batch(tiny_model, "left")
@@ -196,6 +197,13 @@ def test_padded_batch_equals_prompts_one_at_a_time(tiny_model):
         for name, t in single.pair.items():
             assert torch.allclose(res.pair[name][i, :, :, n - m:, n - m:], t[0], atol=1e-4), name
         assert torch.isclose(res.metric[i], single.metric[0], atol=1e-4)
+        with torch.no_grad():
+            logits = hf_model(input_ids=one.tokens).logits[0, -1]
+        want = logits[batch.target_ids[i]] - logits[batch.distractor_ids[i]]
+        assert float(single.metric[0]) == pytest.approx(float(want), abs=1e-4)
+        pattern = hf_model(input_ids=one.tokens, output_attentions=True).attentions
+        for L, theirs in enumerate(pattern):
+            assert torch.allclose(single.pair["attn_pattern"][0, L], theirs[0].detach(), atol=1e-5)
 
 
 def test_unknown_names_list_the_valid_ones(tiny_model):
