@@ -5,7 +5,8 @@
 Modes (each on its own warehouse): `plain` (one commit per batch), `edges` (component graph
 and node-level edges into the top nodes), `sae` (a seeded random SAELens autoencoder spliced
 in, its latents stored), `grouped` (small batches grouped into one commit, the default
---commit-seconds). After every kill: the file must open, hold only whole batches (batches rows
+--commit-seconds). Each kill falls at a random time within
+an uninterrupted run's duration (measured first). After every kill: the file must open, hold only whole batches (batches rows
 add up to the prompts, node, pair and edge rows), and hold no duplicate prompt, node or edge
 row; the next start resumes the run with `--resume 1` alone (the run's options are stored). At
 the end each run must be `complete` with every prompt in. Prints one JSON line per mode (all
@@ -87,17 +88,21 @@ def soak(mode: str, kills: int, base: list[str], tmp: Path, rng: random.Random, 
     if mode == "sae":
         args += ["--sae", str(tmp / "sae")]
     resume = [*base[:base.index("populate") + 1], "--db", str(db), "--top", "0", "--resume", "1"]
+    # One uninterrupted run first: kills then fall anywhere in a run of that length (start-up,
+    # model loading, computing, committing), not only in the first moments.
+    t0 = time.monotonic()
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    full_s = time.monotonic() - t0
+    db.unlink()
     totals = {"kills": 0, "failed_open": 0, "partial_batches": 0, "duplicates": 0, "restarts": 0,
-              "max_edges": 0}
+              "kills_after_progress": 0, "full_run_s": round(full_s, 1)}
     start = time.time()
+    before = 0
     while totals["kills"] < kills:
         started = db.exists() and check(db).get("runs", 0) > 0
         proc = subprocess.Popen(resume if started else args, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        t0 = time.monotonic()
-        while not db.exists() and proc.poll() is None and time.monotonic() - t0 < 120:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, max_delay))
+        time.sleep(rng.uniform(0, full_s * max_delay))
         if proc.poll() is not None:  # it finished first: check, then start a fresh file
             if proc.returncode != 0:
                 raise SystemExit(f"{mode}: populate exited {proc.returncode}: {' '.join(proc.args)}")
@@ -106,15 +111,17 @@ def soak(mode: str, kills: int, base: list[str], tmp: Path, rng: random.Random, 
                 totals[k] += result.get(k, 0)
             db.unlink()
             totals["restarts"] += 1
+            before = 0
             continue
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         totals["kills"] += 1
         if db.exists():
             result = check(db)
-            totals["max_edges"] = max(totals["max_edges"], result.get("edges", 0))
             for k in ("failed_open", "partial_batches", "duplicates"):
                 totals[k] += result.get(k, 0)
+            totals["kills_after_progress"] += int(result.get("prompts", 0) > before)
+            before = result.get("prompts", 0)
     started = db.exists() and check(db).get("runs", 0) > 0
     subprocess.run(resume if started else args, env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
@@ -122,7 +129,9 @@ def soak(mode: str, kills: int, base: list[str], tmp: Path, rng: random.Random, 
     status, n_prompts = con.execute("SELECT status, n_prompts FROM runs WHERE run_id = 1").fetchone()
     con.close()
     final = check(db)
+    leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(f".{db.name}.")]
     return {"name": "populate_sigkill_soak", "mode": mode, **totals, "final_status": status,
+            "leftover_files": len(leftovers),
             "final_prompts": final["prompts"], "expected_prompts": n_prompts,
             "final_edges": final["edges"], "final_partial": final["partial_batches"],
             "final_duplicates": final["duplicates"], "seconds": round(time.time() - start)}
@@ -134,7 +143,8 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--model", default=None)
     ap.add_argument("--prompts", default=None)
-    ap.add_argument("--max-delay", type=float, default=1.5, help="seconds after the file appears")
+    ap.add_argument("--max-delay", type=float, default=1.0,
+                    help="kill within this fraction of an uninterrupted run's duration")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = random.Random(args.seed)

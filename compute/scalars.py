@@ -2,7 +2,9 @@
 
 An entry names its node type, its shape kind (`token`: per prompt, position, layer, node;
 `pair`: per prompt, layer, head, query position, key position), the sites and pass types it
-needs, and the function that computes it for one layer. Adding a scalar touches only `SCALARS`.
+needs, and the function that computes it for one layer. Adding a scalar touches only `SCALARS`:
+a warehouse made before it gains the new name in its `scalar` ENUM the next time it is opened
+for writing (`WarehouseWriter` migrates the ENUMs; tests/test_resume.py checks it).
 The plan for a request is the union of the requested entries' sites, so a request for one
 scalar never caches what the others would need.
 

@@ -243,3 +243,28 @@ def test_small_batches_share_a_commit(tmp_path, gpt2_dir):
                                    "scalar::VARCHAR, value FROM node_scalars ORDER BY ALL").fetchall()))
         con.close()
     assert tables[0] == tables[1] and len(tables[0][0]) == 12  # one batches row per batch either way
+
+
+def test_leftovers_of_killed_writers_are_removed(tmp_path):
+    """A writer SIGKILLed while creating or spilling leaves a half-made file or a staging folder
+    under a hidden name; the next writer removes those whose process is gone, and only those."""
+    from actwh.compute.scalars import NODE_TYPES, SCALARS
+    from actwh.warehouse.store import WarehouseWriter
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_files = [f".wh.duckdb.creating-{gone.pid}-0a1b2c3d", f".wh.duckdb.creating-{gone.pid}-0a1b2c3d.wal"]
+        live_file = f".wh.duckdb.creating-{alive.pid}-0a1b2c3d"
+        for name in [*dead_files, live_file]:
+            (tmp_path / name).write_bytes(b"half")
+        (tmp_path / f".wh.duckdb.staging-{gone.pid}").mkdir()
+        (tmp_path / f".wh.duckdb.staging-{gone.pid}" / "x.arrows").write_bytes(b"x")
+        (tmp_path / f".wh.duckdb.staging-{alive.pid}").mkdir()
+        WarehouseWriter(tmp_path / "wh.duckdb", NODE_TYPES, tuple(SCALARS))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [live_file, f".wh.duckdb.staging-{alive.pid}", "wh.duckdb"])
+    finally:
+        alive.kill()
+        alive.wait()

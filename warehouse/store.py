@@ -435,13 +435,13 @@ class WarehouseWriter:
         self._locked_since: float | None = None
         self.commits = 0
         self.node_types, self.scalars = tuple(node_types), tuple(scalars)
+        self._remove_leftovers()
         if not self.path.exists():
             self._create(self.node_types, self.scalars)
         with self.connection() as con:
             check_version(con, self.path)
             self._migrate_enums(con)
             self._add_columns(con)
-        self._remove_stale_staging()
 
     # -- creating and opening ---------------------------------------------------------------
 
@@ -733,12 +733,17 @@ class WarehouseWriter:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
 
-    def _remove_stale_staging(self) -> None:
-        """Staging folders of writers that were killed (their process is gone)."""
-        for folder in self.path.parent.glob(f".{self.path.name}.staging-*"):
-            pid = folder.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-                shutil.rmtree(folder, ignore_errors=True)
+    def _remove_leftovers(self) -> None:
+        """Half-made files and staging folders of writers that were killed (process gone)."""
+        for kind in ("creating", "staging"):
+            for left in self.path.parent.glob(f".{self.path.name}.{kind}-*"):
+                pid = left.name.split(f".{kind}-", 1)[1].split("-", 1)[0].split(".", 1)[0]
+                if not pid.isdigit() or int(pid) == os.getpid() or Path(f"/proc/{pid}").exists():
+                    continue
+                if left.is_dir():
+                    shutil.rmtree(left, ignore_errors=True)
+                else:
+                    left.unlink(missing_ok=True)
 
     def _tell(self, holder: str) -> None:
         now = time.monotonic()
