@@ -1,5 +1,6 @@
 """Prompt files: `.txt` (one prompt per line) or `.jsonl` (`text` and optional `target`,
-`distractor`, `corrupt`, `position`). `prompt_id` is the prompt's 0-based line in its file."""
+`distractor`, `corrupt`, `position`, and `meta`: a JSON object describing the prompt, e.g. its
+IOI name order, which actwh reads past). `prompt_id` is the prompt's 0-based line in its file."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from actwh.errors import PromptError
 
-JSONL_KEYS = {"text", "target", "distractor", "corrupt", "position"}
+JSONL_KEYS = {"text", "target", "distractor", "corrupt", "position", "meta"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ def _jsonl_line(path: Path, i: int, line: str) -> PromptSpec:
         raise PromptError(f"{where}: position must be an integer, not {json.dumps(row['position'])}")
     if "corrupt" in row and not isinstance(row["corrupt"], str):
         raise PromptError(f"{where}: corrupt must be a text, not {json.dumps(row['corrupt'])}")
+    if "meta" in row and not isinstance(row["meta"], dict):
+        raise PromptError(f"{where}: meta must be a JSON object, not {json.dumps(row['meta'])}")
     return PromptSpec(i, row["text"], row.get("target"), row.get("distractor"), row.get("corrupt"),
                       row.get("position"))
 

@@ -51,17 +51,21 @@ working found it met talked later handed decided give""".split()
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<unk>", "<pad>"]
 
+# {IO} is the indirect object (the answer), {S} the subject, named twice. Each template is used
+# in both orders of the first clause: ABB ("{IO} and {S}", the answer first) and BAB
+# ("{S} and {IO}", the answer second), in equal measure, so position never gives the answer away.
 IOI_TEMPLATES = [
-    "When {A} and {B} went to the {place} , {B} gave a {obj} to",
-    "When {A} and {B} went to the {place} , {B} gave the {obj} to",
-    "After {A} and {B} went to the {place} , {B} gave a {obj} to",
-    "While {A} and {B} were working at the {place} , {B} gave a {obj} to",
-    "Then , {A} and {B} went to the {place} . {B} gave a {obj} to",
-    "Then , {A} and {B} had a long argument . Afterwards {B} said to",
-    "Friends {A} and {B} found a {obj} at the {place} . {B} gave it to",
-    "When {A} and {B} met at the {place} , {B} handed the {obj} to",
-    "After {A} and {B} talked at the {place} , {B} decided to give a {obj} to",
+    "When {A} and {B} went to the {place} , {S} gave a {obj} to",
+    "When {A} and {B} went to the {place} , {S} gave the {obj} to",
+    "After {A} and {B} went to the {place} , {S} gave a {obj} to",
+    "While {A} and {B} were working at the {place} , {S} gave a {obj} to",
+    "Then , {A} and {B} went to the {place} . {S} gave a {obj} to",
+    "Then , {A} and {B} had a long argument . Afterwards {S} said to",
+    "Friends {A} and {B} found a {obj} at the {place} . {S} gave it to",
+    "When {A} and {B} met at the {place} , {S} handed the {obj} to",
+    "After {A} and {B} talked at the {place} , {S} decided to give a {obj} to",
 ]
+ORDERS = ("ABB", "BAB")
 
 
 def all_words() -> list[str]:
@@ -97,17 +101,40 @@ class NameSplit:
         return (a, b) in self.held_out_pairs or (b, a) in self.held_out_pairs
 
 
-def ioi_prompt(rng: random.Random, a: str, b: str) -> tuple[list[str], str, str]:
-    """An IOI prompt (words), its indirect object (the answer) and its subject (the distractor).
+@dataclass(frozen=True)
+class IOIPrompt:
+    """One IOI sentence, cut before the answer."""
 
-    Half the prompts name the indirect object first (ABB), half second (BAB), so position alone
-    never gives the answer away.
+    words: list[str]
+    io: str  # the indirect object: the answer
+    s: str  # the subject, named twice: the distractor
+    order: str  # "ABB": the answer is the first name, "BAB": the second
+    corrupt: list[str]  # the repeated name replaced by the answer: the answer becomes the subject
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+def ioi_prompt(rng: random.Random, io: str, s: str, order: str | None = None,
+               template: str | None = None) -> IOIPrompt:
+    """An IOI prompt with indirect object `io` (the answer) and subject `s`.
+
+    `order` ABB names the indirect object first ("When Mary and John ..., John gave a drink to"),
+    BAB second ("When John and Mary ..., John gave a drink to"); None draws it with even odds. The
+    corrupted counterpart names `io` where the subject's second mention was, which makes `s` the
+    right answer: the logit difference io - s changes sign.
     """
-    template = rng.choice(IOI_TEMPLATES)
-    first, second = (a, b) if rng.random() < 0.5 else (b, a)
-    text = template.format(A=first, B=second, place=rng.choice(PLACES), obj=rng.choice(OBJECTS))
-    # The repeated name (the subject) is the second one; the answer is the other.
-    return text.split(), first, second
+    if order is None:
+        order = ORDERS[rng.random() < 0.5]
+    if order not in ORDERS:
+        raise ValueError(f"unknown IOI order {order!r}; expected one of {ORDERS}")
+    template = template if template is not None else rng.choice(IOI_TEMPLATES)
+    first, second = (io, s) if order == "ABB" else (s, io)
+    fill = dict(A=first, B=second, place=rng.choice(PLACES), obj=rng.choice(OBJECTS))
+    words = template.format(S=s, **fill).split()
+    corrupt = template.format(S=io, **fill).split()
+    return IOIPrompt(words, io, s, order, corrupt)
 
 
 class Corpus:
@@ -139,8 +166,8 @@ class Corpus:
             a, b = r.sample(self.split.ioi_names, 2)
             if not self.split.is_held_out(a, b):
                 break
-        words, answer, _ = ioi_prompt(r, a, b)
-        return self.filler(r.randint(0, 1)) + words + [answer, "."]
+        p = ioi_prompt(r, a, b)
+        return self.filler(r.randint(0, 1)) + p.words + [p.io, "."]
 
     def successor(self) -> list[str]:
         r = self.rng
@@ -166,10 +193,24 @@ class Corpus:
         span = [r.choice(letters) for _ in range(r.randint(8, 16))]
         return span * r.randint(2, 4)
 
+    def skip_drill(self, alphabet: int) -> list[str]:
+        """Curriculum: triples `x r x` over a small per-document alphabet. The third word is the
+        one before the previous word: only a head that attends to the previous token (and copies
+        it) predicts it, the first half of an induction circuit."""
+        r = self.rng
+        letters = r.sample(self.vocab_words, min(alphabet, len(self.vocab_words)))
+        out: list[str] = []
+        for _ in range(r.randint(4, 10)):
+            x, y = r.choice(letters), r.choice(letters)
+            out += [x, y, x]
+        return out
+
     def document(self, mix: dict[str, float], alphabet: int) -> list[str]:
         kind = self.rng.choices(list(mix), weights=list(mix.values()))[0]
         if kind == "copy":
             return self.copy_drill(alphabet)
+        if kind == "skip":
+            return self.skip_drill(alphabet)
         if kind == "filler":
             return self.filler(self.rng.randint(1, 4))
         return getattr(self, kind)()

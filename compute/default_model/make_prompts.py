@@ -1,9 +1,11 @@
 """Write the example prompt files for the default model: `python -m actwh.compute.default_model.make_prompts`.
 
-ioi.jsonl: IOI prompts on held-out name pairs with target (the indirect object), distractor
-(the subject) and a corrupted counterpart (a third name in place of the subject's first
-mention); induction.jsonl: random spans from the whole vocabulary, repeated, with the next
-token of the second copy as target; successor.jsonl: days, months and counting.
+ioi.jsonl: IOI prompts on held-out name pairs, half in each order (`meta.order` ABB: the answer
+is the first name; BAB: the second), with target (the indirect object), distractor (the subject)
+and a corrupted counterpart in which the subject's second mention is replaced by the indirect
+object, so that the distractor becomes the right answer; induction.jsonl: random spans from the
+whole vocabulary, repeated, with the next token of the second copy as target; successor.jsonl:
+days, months and counting.
 """
 
 from __future__ import annotations
@@ -13,23 +15,27 @@ import random
 
 from actwh.compute.default_model import PROMPTS
 from actwh.compute.default_model.corpus import (
-    DAYS, MONTHS, NUMBERS, SPECIAL_TOKENS, NameSplit, all_words, ioi_prompt,
+    DAYS, IOI_TEMPLATES, MONTHS, NUMBERS, ORDERS, SPECIAL_TOKENS, NameSplit, all_words, ioi_prompt,
 )
+
+
+def ioi_rows(rng: random.Random, split: NameSplit, n: int) -> list[dict]:
+    """`n` IOI prompts on held-out name pairs, alternating ABB and BAB, templates in turn."""
+    rows = []
+    for i, pair in enumerate(rng.sample(sorted(split.held_out_pairs), n)):
+        io, s = rng.sample(pair, 2)
+        t = i // 2 % len(IOI_TEMPLATES)
+        p = ioi_prompt(rng, io, s, ORDERS[i % 2], IOI_TEMPLATES[t])
+        rows.append({"text": p.text, "target": p.io, "distractor": p.s,
+                     "corrupt": " ".join(p.corrupt), "meta": {"order": p.order, "template": t}})
+    return rows
 
 
 def main(seed: int = 1234, n: int = 24) -> None:
     rng = random.Random(seed)
     split = NameSplit.make(0)  # the split the shipped model was trained with
     PROMPTS.mkdir(exist_ok=True)
-    rows = []
-    for a, b in rng.sample(sorted(split.held_out_pairs), n):
-        words, answer, subject = ioi_prompt(rng, a, b)
-        other = rng.choice([x for x in split.ioi_names if x not in (a, b)])
-        corrupt = list(words)
-        corrupt[corrupt.index(subject)] = other  # the subject's first mention
-        rows.append({"text": " ".join(words), "target": answer, "distractor": subject,
-                     "corrupt": " ".join(corrupt)})
-    write("ioi", rows)
+    write("ioi", ioi_rows(rng, split, n))
     vocab = [w for w in all_words() if w not in SPECIAL_TOKENS]
     rows = []
     for _ in range(n):
