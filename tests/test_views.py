@@ -110,11 +110,11 @@ def test_standalone_files_and_notebook_draw_the_cli_circuit(view_db, tmp_path, m
     from actwh import views
 
     for run in (1, 2):
-        want = cli_circuit(view_db, run, 1, method, tmp_path)
+        want = cli_circuit(view_db, run, 3, method, tmp_path)
         assert want["edges"], "a circuit with no edge tests nothing"
         kw = {"influence": {}, "threshold": {"value": 0.05}, "top-n": {"n": 25},
               "reachable": {"value": 0.05}}[method]
-        pic = views.circuit(view_db, run, 1, method=method, **kw)
+        pic = views.circuit(view_db, run, 3, method=method, **kw)
         html = pic._repr_html_()
         body = html[html.index("<svg"):html.index("</svg>") + 6]
         for text in (body, pic.svg):
@@ -123,7 +123,7 @@ def test_standalone_files_and_notebook_draw_the_cli_circuit(view_db, tmp_path, m
                               [(p.get("data-key"), float(p.get("data-value"))) for p in edges])
         for fmt in ("svg", "html"):
             path = tmp_path / f"c{run}.{fmt}"
-            r = CliRunner().invoke(cli, ["circuit", str(run), "1", "--db", str(view_db), "--method",
+            r = CliRunner().invoke(cli, ["circuit", str(run), "3", "--db", str(view_db), "--method",
                                          method, *METHOD_ARGS[method], "--format", fmt, "-o", str(path)])
             assert r.exit_code == 0, r.output
             text = path.read_text()
@@ -139,7 +139,7 @@ def test_positions_kept_draw_tokens_as_columns(view_db):
     share x ranges and later positions lie to the right."""
     from actwh import views
 
-    pic = views.circuit(view_db, 1, 0, method="threshold", value=0.1)
+    pic = views.circuit(view_db, 1, 0, method="threshold", value=0.02)
     nodes, _ = svg_parts(pic.svg)
     ns = "{http://www.w3.org/2000/svg}"
     xs: dict = {}
