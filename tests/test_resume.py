@@ -122,14 +122,29 @@ def test_resume_refuses_changed_inputs_then_completes_like_a_fresh_run(interrupt
 
 
 def test_delete_removes_one_run_everywhere(interrupted):
+    from actwh.warehouse.schema import EVAL_TABLES, create_missing_tables
+
     tmp, db, opts, *_ = interrupted
     populate(db, opts, progress=False)
     keep = rows(db, 2)
+    # evaluation rows of both runs (as `actwh evaluate` / `circuit --save` leave them)
+    con = duckdb.connect(str(db))
+    create_missing_tables(con)
+    for run in (1, 2):
+        con.execute("INSERT INTO evaluations VALUES ($r, $r, now(), '0', '{}')", {"r": run})
+        con.execute("INSERT INTO circuit_evals VALUES ($r, $r, 0, 'top-n', 'top-n:5', 5, 4, "
+                    "'corrupt', 1.5, 0.5)", {"r": run})
+        con.execute("INSERT INTO circuits VALUES ($r, $r, 'top-n', '{}', '[0]', 1, 2, '[]', '[]', "
+                    "now())", {"r": run})
+    con.close()
     r = CliRunner().invoke(cli, ["runs", "--delete", "1", "--db", str(db)])
     assert r.exit_code == 0 and r.output.startswith("run 1 deleted (4 prompts,"), r.output
     con = duckdb.connect(str(db), read_only=True)
-    for table in ("runs", "prompts", "tokens", "node_scalars", "pair_scalars", "edges", "batches"):
+    for table in ("runs", "prompts", "tokens", "node_scalars", "pair_scalars", "edges", "batches",
+                  *EVAL_TABLES):
         assert con.execute(f"SELECT count(*) FROM {table} WHERE run_id = 1").fetchone()[0] == 0, table
+    for table in ("evaluations", "circuit_evals", "circuits"):
+        assert con.execute(f"SELECT count(*) FROM {table} WHERE run_id = 2").fetchone()[0] == 1, table
     assert con.execute("SELECT run_id FROM runs").fetchall() == [(2,)]
     con.close()
     assert rows(db, 2) == keep

@@ -35,7 +35,7 @@ import duckdb
 import pyarrow as pa
 
 from actwh.errors import WarehouseError
-from actwh.warehouse.schema import BIG_TABLES, SCHEMA_VERSION, build_metadata
+from actwh.warehouse.schema import BIG_TABLES, EVAL_TABLES, SCHEMA_VERSION, build_metadata
 
 log = logging.getLogger("actwh.warehouse")
 VIEWS_SQL = Path(__file__).with_name("views.sql")
@@ -69,6 +69,10 @@ RUN_DELETES = {
     "batches": "DELETE FROM batches WHERE run_id = $run",
     "runs": "DELETE FROM runs WHERE run_id = $run",
 }
+# The evaluation tables (`actwh evaluate`, `verify`, stored circuits) hold rows of a run too, but
+# a file made before they existed lacks them: deleted from only where they exist.
+EVAL_DELETES = {t: f"DELETE FROM {t} WHERE run_id = $run" for t in EVAL_TABLES}  # constant names
+TABLES_SQL = "SELECT table_name FROM information_schema.tables"
 ENUM_VALUES_SQL = {
     "scalar": "SELECT unnest(enum_range(NULL::scalar))::VARCHAR",
     "node_type": "SELECT unnest(enum_range(NULL::node_type))::VARCHAR",
@@ -642,8 +646,10 @@ class WarehouseWriter:
                 raise WarehouseError(f"no run {run_id} in {self.path}; runs: "
                                      f"{', '.join(map(str, ids)) or 'none'}")
             removed = {}
+            present = {r[0] for r in con.execute(TABLES_SQL).fetchall()}
+            deletes = {**{t: q for t, q in EVAL_DELETES.items() if t in present}, **RUN_DELETES}
             try:
-                for table, statement in RUN_DELETES.items():
+                for table, statement in deletes.items():
                     removed[table] = con.execute(statement, {"run": run_id}).fetchone()[0]
             except duckdb.Error as e:
                 raise WarehouseError(f"run {run_id} was not deleted: {one_line(e)}") from None
