@@ -140,6 +140,9 @@ def test_delete_removes_one_run_everywhere(interrupted):
     r = CliRunner().invoke(cli, ["runs", "--delete", "1", "--db", str(db)])
     assert r.exit_code == 0 and r.output.startswith("run 1 deleted (4 prompts,"), r.output
     con = duckdb.connect(str(db), read_only=True)
+    import actwh.warehouse.store as store
+
+    assert set(store.EVAL_DELETES) == set(EVAL_TABLES)  # every evaluation table is covered
     for table in ("runs", "prompts", "tokens", "node_scalars", "pair_scalars", "edges", "batches",
                   *EVAL_TABLES):
         assert con.execute(f"SELECT count(*) FROM {table} WHERE run_id = 1").fetchone()[0] == 0, table

@@ -35,7 +35,7 @@ import duckdb
 import pyarrow as pa
 
 from actwh.errors import WarehouseError
-from actwh.warehouse.schema import BIG_TABLES, EVAL_TABLES, SCHEMA_VERSION, build_metadata
+from actwh.warehouse.schema import BIG_TABLES, SCHEMA_VERSION, build_metadata
 
 log = logging.getLogger("actwh.warehouse")
 VIEWS_SQL = Path(__file__).with_name("views.sql")
@@ -71,7 +71,13 @@ RUN_DELETES = {
 }
 # The evaluation tables (`actwh evaluate`, `verify`, stored circuits) hold rows of a run too, but
 # a file made before they existed lacks them: deleted from only where they exist.
-EVAL_DELETES = {t: f"DELETE FROM {t} WHERE run_id = $run" for t in EVAL_TABLES}  # constant names
+EVAL_DELETES = {
+    "circuit_evals": "DELETE FROM circuit_evals WHERE run_id = $run",
+    "node_effects": "DELETE FROM node_effects WHERE run_id = $run",
+    "edge_effects": "DELETE FROM edge_effects WHERE run_id = $run",
+    "evaluations": "DELETE FROM evaluations WHERE run_id = $run",
+    "circuits": "DELETE FROM circuits WHERE run_id = $run",
+}
 TABLES_SQL = "SELECT table_name FROM information_schema.tables"
 ENUM_VALUES_SQL = {
     "scalar": "SELECT unnest(enum_range(NULL::scalar))::VARCHAR",
