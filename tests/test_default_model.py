@@ -308,7 +308,7 @@ def test_readme_ioi_tour_prints_a_circuit_with_the_card_ioi_heads(tmp_path, monk
     from click.testing import CliRunner
 
     from actwh.cli.main import cli
-    from actwh.compute.default_model import card
+    from actwh import model_card as card
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ACTWH_DB", raising=False)
