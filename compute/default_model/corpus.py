@@ -140,8 +140,9 @@ def ioi_prompt(rng: random.Random, io: str, s: str, order: str | None = None,
 class Corpus:
     """Seeded document generator. Documents are lists of words."""
 
-    def __init__(self, seed: int, split: NameSplit, vocab_words: list[str]):
+    def __init__(self, seed: int, split: NameSplit, vocab_words: list[str], abb_share: float = 0.5):
         self.rng = random.Random(seed)
+        self.abb_share = abb_share
         self.split = split
         self.vocab_words = vocab_words
 
@@ -166,7 +167,8 @@ class Corpus:
             a, b = r.sample(self.split.ioi_names, 2)
             if not self.split.is_held_out(a, b):
                 break
-        p = ioi_prompt(r, a, b)
+        p = ioi_prompt(r, a, b, None if self.abb_share == 0.5 else
+                       ORDERS[r.random() >= self.abb_share])
         return self.filler(r.randint(0, 1)) + p.words + [p.io, "."]
 
     def successor(self) -> list[str]:

@@ -234,6 +234,16 @@ def freeze_position_code(model) -> None:
         (wte, wte.detach()[:, cols].clone(), (slice(None), cols))]
 
 
+def previous_token_attention_loss(attentions, layer: int, head: int) -> torch.Tensor:
+    """Cross-entropy of one head's attention pattern against "attend to the previous token":
+    the mean over rows and over positions 1..n-1 of -log(attention from p to p - 1). Added to
+    the language-model loss (`--supervise-previous-token`), it makes that head a previous-token
+    head while every weight, its own included, keeps training on the task."""
+    pat = attentions[layer][:, head]  # [batch, query, key]
+    q = torch.arange(1, pat.shape[-1], device=pat.device)
+    return -torch.log(pat[:, q, q - 1].clamp_min(1e-9)).mean()
+
+
 def restore_frozen(model) -> None:
     with torch.no_grad():
         for param, value, index in getattr(model, "_frozen", []):
@@ -245,10 +255,13 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
           attn_only: tuple[int, ...] = (0,), lr_max: float = 3e-3, eval_every: int = 200,
           sinusoidal: bool = True, d_mlp: int | None = None, command: str = "",
           plant: bool = False, freeze_plant: bool = False, init: Path | None = None,
-          stop_at: int | None = None) -> dict:
+          stop_at: int | None = None, supervise: tuple[int, int] | None = None,
+          supervise_weight: float = 1.0, abb_share: float = 0.5) -> dict:
     """Train up to `steps` steps (the learning rate drops to 30% after 85% of them), stopping early
     once IOI (each order, held-out pairs and unseen names) and induction pass 0.98 with a
-    previous-token head above 0.8. minutes > 0: also stop at that wall-clock deadline (which makes
+    previous-token head above 0.8. `supervise` (layer, head): add `supervise_weight` times
+    that head's previous-token attention loss to the language-model loss. `abb_share`: the
+    share of IOI training sentences in the ABB order. minutes > 0: also stop at that wall-clock deadline (which makes
     the result depend on the machine's speed). Layers in `attn_only` have a zero, frozen MLP."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -266,7 +279,7 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
         from transformers import PreTrainedTokenizerFast
         tokenizer = PreTrainedTokenizerFast.from_pretrained(init)
     vocab = tokenizer.get_vocab()
-    gen = Corpus(seed + 2, split, words)
+    gen = Corpus(seed + 2, split, words, abb_share=abb_share)
 
     config = GPT2Config(
         vocab_size=len(vocab), n_positions=seq, n_embd=d_model, n_layer=n_layer, n_head=n_head,
@@ -300,6 +313,9 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
               "planted_previous_token_head": "L0H0" if plant else None,
               "frozen_query_key": "L0H0" if freeze_plant else None,
               "init": str(init) if init else None,
+              "supervised_previous_token_head": f"L{supervise[0]}H{supervise[1]}" if supervise else None,
+              "supervise_weight": supervise_weight if supervise else None,
+              "ioi_abb_share": abb_share,
               "n_params": sum(p.numel() for p in model.parameters()),
               "n_trainable": sum(p.numel() for p in params)}
 
@@ -318,9 +334,15 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
         lr = lr_max * min(1.0, (step + 1) / 200) * (0.3 if step > 0.85 * steps else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = model(rows, labels=rows).loss
+        out_ = model(rows, labels=rows, output_attentions=supervise is not None)
+        loss = out_.loss
+        if supervise is not None:
+            aux = previous_token_attention_loss(out_.attentions, *supervise)
+            loss_total = loss + supervise_weight * aux
+        else:
+            loss_total = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         restore_frozen(model)
@@ -329,6 +351,7 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
             m = evaluate(model, vocab, split, seed=10_000 + step)
             record = {"step": step, "minutes": round((time.time() - start) / 60, 2), "stage": name,
                       "loss": round(loss.item(), 4),
+                      **({"aux_loss": round(aux.item(), 4)} if supervise is not None else {}),
                       **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}}
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -378,16 +401,31 @@ def main() -> None:
                          "best checkpoint of a longer run")
     ap.add_argument("--init", type=Path, default=None,
                     help="continue from this saved model (its tokenizer; starts in the mix)")
+    ap.add_argument("--supervise-previous-token", default=None, metavar="LxHy",
+                    help="add a loss on this head's attention: cross-entropy against attending "
+                         "to the previous token (e.g. L0H2)")
+    ap.add_argument("--supervise-weight", type=float, default=1.0)
+    ap.add_argument("--abb-share", type=float, default=0.5,
+                    help="share of IOI training sentences that name the answer first")
     ap.add_argument("--no-sinusoidal", action="store_true",
                     help="start position embeddings at random instead of sinusoids")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     attn_only = tuple(int(x) for x in args.attn_only.split(",") if x.strip())
+    supervise = None
+    if args.supervise_previous_token:
+        import re
+        m = re.fullmatch(r"L(\d+)H(\d+)", args.supervise_previous_token)
+        if not m:
+            ap.error(f"--supervise-previous-token: expected a head like L0H2, got "
+                     f"{args.supervise_previous_token!r}")
+        supervise = (int(m.group(1)), int(m.group(2)))
     print(json.dumps(train(args.out, args.seed, args.steps, args.threads, args.batch, args.seq,
                            args.minutes, args.layers, args.heads, args.d_model, attn_only,
                            args.lr, args.eval_every, not args.no_sinusoidal, args.d_mlp,
                            shlex.join(sys.argv[1:]), args.plant_previous_token_head,
-                           args.freeze_planted, args.init, args.stop_at)))
+                           args.freeze_planted, args.init, args.stop_at, supervise,
+                           args.supervise_weight, args.abb_share)))
 
 
 if __name__ == "__main__":
