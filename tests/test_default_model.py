@@ -458,3 +458,38 @@ def test_planted_previous_token_head_attends_to_the_previous_token_and_stays_fix
     assert torch.equal(before[:, q_k], after[:, q_k])
     assert not torch.equal(before[:, 32:64], after[:, 32:64])  # head 1's query still trains
     assert not torch.equal(before[:, 128:], after[:, 128:])  # values train
+
+
+def test_previous_token_attention_loss_is_the_cross_entropy_against_the_previous_token():
+    from actwh.compute.default_model.train import previous_token_attention_loss
+
+    n = 6
+    exact = torch.zeros(2, 3, n, n)
+    exact[:, :, 0, 0] = 1.0
+    exact[:, :, torch.arange(1, n), torch.arange(n - 1)] = 1.0
+    causal_uniform = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]
+    pats = exact.clone()
+    pats[:, 1] = causal_uniform  # head 1 spreads its attention evenly over the prefix
+    # query p (1..n-1) gives 1/(p+1) to p-1: the loss is the mean of log(p + 1)
+    want = sum(torch.log(torch.tensor(p + 1.0)) for p in range(1, n)) / (n - 1)
+    assert previous_token_attention_loss([pats], 0, 0).item() == pytest.approx(0.0, abs=1e-6)
+    assert previous_token_attention_loss([exact, pats], 1, 1).item() == pytest.approx(want.item(), rel=1e-6)
+    # gradients reach the pattern: the loss trains the supervised head only
+    p = pats.clone().requires_grad_(True)
+    previous_token_attention_loss([p], 0, 1).backward()
+    assert p.grad[:, 1].abs().sum() > 0 and p.grad[:, [0, 2]].abs().sum() == 0
+
+
+def test_abb_share_sets_the_share_of_answer_first_training_sentences():
+    from actwh.compute.default_model.corpus import Corpus, NameSplit, all_words
+
+    split = NameSplit.make(0)
+    for share, lo, hi in [(0.8, 0.74, 0.86), (0.5, 0.44, 0.56)]:
+        gen = Corpus(1, split, all_words(), abb_share=share)
+        first = []
+        for _ in range(600):
+            doc = gen.ioi()
+            io = doc[-2]  # the document ends with the answer and a full stop
+            names = [w for w in doc if w in split.ioi_names]
+            first.append(names[-4] == io)  # the first clause names A, B; then S, then the answer
+        assert lo <= sum(first) / len(first) <= hi, (share, sum(first) / len(first))
