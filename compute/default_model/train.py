@@ -256,7 +256,7 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
           sinusoidal: bool = True, d_mlp: int | None = None, command: str = "",
           plant: bool = False, freeze_plant: bool = False, init: Path | None = None,
           stop_at: int | None = None, supervise: tuple[int, int] | None = None,
-          supervise_weight: float = 1.0, abb_share: float = 0.5) -> dict:
+          supervise_weight: float = 1.0, abb_share: float = 0.5, snapshots: bool = False) -> dict:
     """Train up to `steps` steps (the learning rate drops to 30% after 85% of them), stopping early
     once IOI (each order, held-out pairs and unseen names) and induction pass 0.98 with a
     previous-token head above 0.8. `supervise` (layer, head): add `supervise_weight` times
@@ -356,6 +356,9 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             log.info("%s", record)
+            if snapshots:  # every evaluated model, for measurements the evaluation does not make
+                model.save_pretrained(out / "snapshots" / f"step-{step}")
+                tokenizer.save_pretrained(out / "snapshots" / f"step-{step}")
             if goal is not None and (m[probe_name] >= goal or step - stage_start >= cap):
                 stage, stage_start = stage + 1, step
             if stage == len(STAGES) - 1:
@@ -407,6 +410,8 @@ def main() -> None:
     ap.add_argument("--supervise-weight", type=float, default=1.0)
     ap.add_argument("--abb-share", type=float, default=0.5,
                     help="share of IOI training sentences that name the answer first")
+    ap.add_argument("--snapshots", action="store_true",
+                    help="also save the model at every evaluation, in OUT/snapshots/step-N")
     ap.add_argument("--no-sinusoidal", action="store_true",
                     help="start position embeddings at random instead of sinusoids")
     args = ap.parse_args()
@@ -425,7 +430,7 @@ def main() -> None:
                            args.lr, args.eval_every, not args.no_sinusoidal, args.d_mlp,
                            shlex.join(sys.argv[1:]), args.plant_previous_token_head,
                            args.freeze_planted, args.init, args.stop_at, supervise,
-                           args.supervise_weight, args.abb_share)))
+                           args.supervise_weight, args.abb_share, args.snapshots)))
 
 
 if __name__ == "__main__":
