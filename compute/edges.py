@@ -20,6 +20,13 @@ each head. With grouped-query attention, k and v inputs are per key/value head. 
 its gained bias, per position: the writes still sum to the residual stream exactly, and downstream
 gradients (pre-norms pulled back in closed form; OLMo 2's are identities) are unchanged.
 
+The products are large GEMMs: per chunk of positions, every upstream write [U, positions·d_model]
+against every downstream gradient [V, positions·d_model] (a chunk of downstream groups at a time),
+accumulated in float32 into one [U, V] result per prompt. `EdgeChunks` (chosen for a memory budget
+by compute/memory.py) splits prompts, positions and downstream groups; every split gives the same
+edges up to float rounding. EAP-IG accumulates one step at a time (the edges are linear in the
+gradient), recomputing the upstream writes per position chunk when there is more than one.
+
 Spliced autoencoders leave this graph as it is (the splice is exact, so every write and every
 gradient is the model's own); latents enter edges at node level (node_edges.py).
 """
@@ -116,155 +123,287 @@ def _sites(model: HookedTransformer):
     return fwd, bwd, last
 
 
-def upstream_outputs(model: HookedTransformer, acts) -> torch.Tensor:
-    """Every upstream node's write to the residual stream. [batch, pos, U, d_model]
+@dataclass(frozen=True)
+class EdgeChunks:
+    """How the edge computation is split (compute/memory.py picks one for a memory budget).
+
+    rows: prompts per forward + backward pass (None: the whole batch); positions: positions per
+    edge GEMM (None: all); groups: downstream groups (each layer's q, k, v heads, its MLP, the
+    target) per GEMM (None: all). Every split gives the same edges up to float rounding: prompts
+    are independent, and an edge is a sum over positions of per-position products."""
+
+    rows: int | None = None
+    positions: int | None = None
+    groups: int | None = None
+
+    def __post_init__(self):
+        for name in ("rows", "positions", "groups"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ActwhError(f"edge chunk {name} must be a whole number >= 1, not {v!r}")
+
+
+def _group_sizes(cfg) -> list[int]:
+    """Downstream nodes per group, in `downstream_nodes` order."""
+    return [n for _ in range(cfg.n_layers) for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads, 1)] + [1]
+
+
+def write_upstream(model: HookedTransformer, acts, sl: slice, out: torch.Tensor, sign: int = 1) -> None:
+    """Every upstream node's write to the residual stream at positions `sl`, copied into
+    (sign 1) or subtracted from (sign -1) out [batch, U, positions, d_model] (any strides).
     With post norms a head's write passes through the frozen gain (model.write_gain)."""
-    outs = [acts["hook_embed"] + acts.get("hook_pos_embed", 0)]
+    def put(i: int, t: torch.Tensor) -> None:  # t: [b, n, pc, d]
+        dst = out[:, i:i + t.shape[1]]
+        dst.copy_(t) if sign > 0 else dst.sub_(t)
+
+    e = acts["hook_embed"][:, sl]
+    if "hook_pos_embed" in acts:
+        e = e + acts["hook_pos_embed"][:, sl]
+    put(0, e[:, None])
+    i = 1
     for L, block in enumerate(model.blocks):
-        z = acts[f"blocks.{L}.attn.hook_z"]
-        heads = torch.einsum("bphe,hed->hbpd", z, block.attn.W_O)
+        z = acts[f"blocks.{L}.attn.hook_z"][:, sl]
+        heads = torch.einsum("bphe,hed->bhpd", z, block.attn.W_O)
         gain = write_gain(model, acts, L, "attn")
-        outs += list(heads if gain is None else heads * gain)
+        put(i, heads if gain is None else heads * gain[:, None, sl])
+        i += heads.shape[1]
+        del heads
         if model.cfg.n_experts:  # each expert's routed, weighted output; they sum to hook_mlp_out
-            experts = block.mlp.expert_writes(acts[f"blocks.{L}.mlp.hook_post"]).permute(2, 0, 1, 3)
+            experts = block.mlp.expert_writes(acts[f"blocks.{L}.mlp.hook_post"][:, sl]).transpose(1, 2)
             gain = write_gain(model, acts, L, "mlp")
-            outs += list(experts if gain is None else experts * gain)
+            put(i, experts if gain is None else experts * gain[:, None, sl])
+            i += experts.shape[1]
         else:
-            outs.append(acts[f"blocks.{L}.hook_mlp_out"])
-    # node-major in memory: the position-summed edge matmuls read it as [b, U, p·d], no copy
-    return torch.stack(outs, dim=1).transpose(1, 2)
+            put(i, acts[f"blocks.{L}.hook_mlp_out"][:, sl, None].transpose(1, 2))
+            i += 1
+
+
+def upstream_outputs(model: HookedTransformer, acts) -> torch.Tensor:
+    """Every upstream node's write to the residual stream. [batch, pos, U, d_model]"""
+    b, p, d = acts["hook_embed"].shape
+    out = acts["hook_embed"].new_empty(b, p, len(upstream_nodes(model)), d)
+    write_upstream(model, acts, slice(None), out.transpose(1, 2))
+    return out
+
+
+def group_grads(model: HookedTransformer, acts, grads, last: str, mask: torch.Tensor | None,
+                sl: slice = slice(None), first: int = 0, stop: int | None = None):
+    """∂metric/∂in_v at positions `sl` for downstream groups first … stop-1 (each layer's q, k, v
+    heads and its MLP, then the target), one [batch, pc, n, d_model] tensor per group, yielded
+    one at a time so that only one group's gradients are alive. mask [batch, pos]: zeroes
+    padding positions (applied to the small per-head gradients, before the pull-back)."""
+    cfg = model.cfg
+    m = None if mask is None else mask[:, sl]
+
+    def masked(t: torch.Tensor) -> torch.Tensor:  # t: [b, pc, n, ...]
+        return t if m is None else t * m[:, :, None, None].to(t.dtype)
+
+    stop = 4 * cfg.n_layers + 1 if stop is None else stop
+    for k in range(first, stop):
+        L, j = divmod(k, 4)
+        if L == cfg.n_layers:
+            yield masked(grads[last][:, sl, None, :])
+            continue
+        p, block = f"blocks.{L}.", model.blocks[L]
+        if j < 3:
+            site, W = "qkv"[j], (block.attn.W_Q, block.attn.W_K, block.attn.W_V)[j]
+            g_site = masked(grads[p + f"attn.hook_{site}"][:, sl])  # [b, pc, heads, d_head]
+            g_norm = torch.einsum("bphe,hde->bphd", g_site, W * block.ln1.w[:, None])
+            yield norm_vjp(model, acts[p + "ln1.hook_normalized"][:, sl], acts[p + "ln1.hook_scale"][:, sl],
+                           g_norm)
+        else:
+            yield norm_vjp(model, acts[p + "ln2.hook_normalized"][:, sl], acts[p + "ln2.hook_scale"][:, sl],
+                           masked(grads[p + "ln2.hook_normalized"][:, sl, None, :]))
 
 
 def downstream_grads(model: HookedTransformer, acts, grads, last: str,
                      mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """∂metric/∂in_v for the downstream nodes, one [batch, pos, n, d_model] tensor per group
-    (each layer's q, k, v heads and its MLP, then the target), in `downstream_nodes` order.
-    mask [batch, pos]: zeroes padding positions (applied to the small per-head gradients, before
-    they are pulled back to d_model)."""
-    def masked(t: torch.Tensor) -> torch.Tensor:  # t: [b, p, n, ...]
-        return t if mask is None else t * mask[:, :, None, None].to(t.dtype)
-
-    out = []
-    for L, block in enumerate(model.blocks):
-        p = f"blocks.{L}."
-        attn = block.attn
-        n1, s1 = acts[p + "ln1.hook_normalized"], acts[p + "ln1.hook_scale"]
-        for site, W in (("q", attn.W_Q), ("k", attn.W_K), ("v", attn.W_V)):
-            g_site = masked(grads[p + f"attn.hook_{site}"])  # [b, p, heads, d_head]
-            # head-major in memory, so the edge matmuls read each head's rows without a copy
-            g_norm = torch.einsum("bphe,hde->hbpd", g_site, W * block.ln1.w[:, None])
-            g_norm = g_norm.permute(1, 2, 0, 3)
-            out.append(norm_vjp(model, n1, s1, g_norm))
-        g_mlp = norm_vjp(model, acts[p + "ln2.hook_normalized"], acts[p + "ln2.hook_scale"],
-                         masked(grads[p + "ln2.hook_normalized"][:, :, None, :]))
-        out.append(g_mlp)
-    out.append(masked(grads[last][:, :, None, :]))
-    return out
+    """∂metric/∂in_v for every downstream group, [batch, pos, n, d_model] each (group_grads)."""
+    return list(group_grads(model, acts, grads, last, mask))
 
 
 def group_layout(model: HookedTransformer, acts, last: str):
-    """Per downstream group: its input residual stream [b, p, 1, d], how many upstream nodes
+    """Per downstream group: its input residual stream [b, p, d], how many upstream nodes
     (a prefix of `upstream_nodes`) feed it, and how many attention layers lie upstream."""
     cfg = model.cfg
     per_layer = cfg.n_heads + cfg.n_mlp_nodes
     out = []
     for L in range(cfg.n_layers):
         p = f"blocks.{L}."
-        pre = acts[p + "hook_resid_pre"][:, :, None, :]
+        pre = acts[p + "hook_resid_pre"]
         for _ in "qkv":
             out.append((pre, 1 + L * per_layer, L))
         if cfg.parallel:
             out.append((pre, 1 + L * per_layer, L))
         else:
-            out.append((acts[p + "hook_resid_mid"][:, :, None, :], 1 + L * per_layer + cfg.n_heads, L + 1))
-    out.append((acts[last][:, :, None, :], 1 + cfg.n_layers * per_layer, cfg.n_layers))
+            out.append((acts[p + "hook_resid_mid"], 1 + L * per_layer + cfg.n_heads, L + 1))
+    out.append((acts[last], 1 + cfg.n_layers * per_layer, cfg.n_layers))
     return out
+
+
+def _bias_sums(model: HookedTransformer, acts, sl: slice) -> list:
+    """Σ of the attention output biases of the first n layers (n = 0 … n_layers), each
+    broadcastable to [b, pc, d] (per position: a post-norm's gain scales each layer's bias)."""
+    out = [0]
+    for L, blk in enumerate(model.blocks):
+        gain = write_gain(model, acts, L, "attn")
+        out.append(out[-1] + (blk.attn.b_O if gain is None else blk.attn.b_O * gain[:, sl]))
+    return out
+
+
+def _sub_batch(batch: Batch, rows: slice) -> Batch:
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    return Batch(batch.tokens[rows], batch.mask[rows], pick(batch.target_ids), pick(batch.distractor_ids),
+                 pick(batch.positions))
 
 
 def component_edges(model: HookedTransformer, batch: Batch, target: str | Target,
                     corrupt: torch.Tensor | None = None, ig_steps: int = 0,
-                    positions: str = "summed") -> EdgeResults:
+                    positions: str = "summed", chunks: EdgeChunks | None = None) -> EdgeResults:
     """All component-graph edges of a batch.
 
     corrupt: token ids of the corrupted prompts (same shape as batch.tokens), or None for the
     zero baseline (act × grad). ig_steps = 0: gradients at the clean input (EAP); N ≥ 1: the
     mean gradient over inputs corrupt + α(clean − corrupt), α = k/N, k = 0 … N−1 (EAP-IG).
+    chunks: how to split the work (EdgeChunks; None: one pass, one GEMM per step).
+
+    Edges are one GEMM per chunk of positions and downstream groups: every upstream node's write
+    [U, positions·d_model] against every downstream gradient [V, positions·d_model], accumulated
+    into one [U, V] result per prompt (per position with positions="each"); pairs where u does
+    not lie upstream of v are computed and set to zero.
     """
     target = get_target(target) if isinstance(target, str) else target
     if positions not in ("summed", "each"):
         raise ActwhError(f"edge positions must be 'summed' or 'each', not {positions!r}")
     if ig_steps and corrupt is None:
         raise ActwhError("--ig-steps needs corrupted prompts (the corrupt baseline)")
+    if corrupt is not None and corrupt.shape != batch.tokens.shape:
+        raise ActwhError("corrupted prompts must have as many tokens as their clean prompts")
+    chunks = chunks or EdgeChunks()
+    n = batch.tokens.shape[0]
+    if chunks.rows is None or chunks.rows >= n:
+        return _edges(model, batch, target, corrupt, ig_steps, positions, chunks)
+    parts = [_edges(model, _sub_batch(batch, slice(i, i + chunks.rows)), target,
+                    None if corrupt is None else corrupt[i:i + chunks.rows], ig_steps, positions, chunks)
+             for i in range(0, n, chunks.rows)]
+    cat = lambda name: torch.cat([getattr(r, name) for r in parts])  # noqa: E731
+    return EdgeResults(cat("values"), parts[0].up, parts[0].down, parts[0].allowed, cat("bias"),
+                       cat("in_dot_grad"), cat("metric"),
+                       None if corrupt is None else cat("corrupt_metric"))
+
+
+def _edges(model: HookedTransformer, batch: Batch, target: Target, corrupt, ig_steps: int,
+           positions: str, chunks: EdgeChunks) -> EdgeResults:
     batch = batch.to(model.device)
     fwd, bwd, last = _sites(model)
     metric_fn = lambda logits: target.metric(logits, batch).sum()  # noqa: E731
     clean = model.run_with_cache(batch.tokens, fwd, attention_mask=batch.mask,
                                  backward_of=metric_fn if not ig_steps else None,
                                  grad_names=bwd)
-    out = upstream_outputs(model, clean.acts)
-    corrupt_metric = None
+    bad = corrupt_metric = None
     if corrupt is not None:
-        corrupt = corrupt.to(model.device)
-        if corrupt.shape != batch.tokens.shape:
-            raise ActwhError("corrupted prompts must have as many tokens as their clean prompts")
-        bad = model.run_with_cache(corrupt, fwd, attention_mask=batch.mask)
-        out = out - upstream_outputs(model, bad.acts)
+        bad = model.run_with_cache(corrupt.to(model.device), fwd, attention_mask=batch.mask)
         corrupt_metric = target.metric(bad.logits, batch)
+    metric = target.metric(clean.logits, batch)
+    clean.logits = None  # the largest tensor of the forward pass; not needed past here
+    if bad is not None:
+        bad.logits = None
+    up, down = upstream_nodes(model), downstream_nodes(model)
+    b, n_pos = batch.tokens.shape
+    U, V = len(up), len(down)
+    cfg = model.cfg
+    dtype = clean.acts["hook_embed"].dtype
+    acc = torch.promote_types(dtype, torch.float32)  # sums over chunks and steps: never below float32
+    dev = model.device
+    each = positions == "each"
+    values = torch.zeros((b, n_pos, U, V) if each else (b, U, V), dtype=acc, device=dev)
+    bias = torch.zeros(b, n_pos, V, dtype=acc, device=dev)
+    in_dot_grad = torch.zeros(b, n_pos, V, dtype=acc, device=dev)
+    allowed = torch.zeros(U, V, dtype=torch.bool, device=dev)
+    layout = group_layout(model, clean.acts, last)
+    sizes = _group_sizes(cfg)
+    starts = [0]
+    for s in sizes:
+        starts.append(starts[-1] + s)
+    for (_, n_up, _), c0, c1 in zip(layout, starts, starts[1:]):
+        allowed[:n_up, c0:c1] = True
+    pc = chunks.positions or n_pos
+    gc = chunks.groups or len(sizes)
+    pos_chunks = [slice(p0, min(p0 + pc, n_pos)) for p0 in range(0, n_pos, pc)]
+    group_chunks = [(g0, min(g0 + gc, len(sizes))) for g0 in range(0, len(sizes), gc)]
+
+    def upstream(sl: slice) -> torch.Tensor:
+        """[b, U, pc, d] writes at sl (clean − corrupt); node-major in memory when summed (the
+        GEMM reads [U, pc·d] rows), position-major when each (one [U, d] × [d, V] per position)."""
+        w = sl.stop - sl.start
+        buf = torch.empty((b, w, U, cfg.d_model) if each else (b, U, w, cfg.d_model), dtype=dtype, device=dev)
+        view = buf.transpose(1, 2) if each else buf
+        write_upstream(model, clean.acts, sl, view)
+        if bad is not None:
+            write_upstream(model, bad.acts, sl, view, sign=-1)
+        return buf
+
+    def accumulate(acts, grads, ups_cache: dict) -> None:
+        with torch.no_grad():
+            for sl in pos_chunks:
+                ups = ups_cache.get(sl.start)
+                if ups is None:
+                    ups = upstream(sl)
+                    if len(pos_chunks) == 1:
+                        ups_cache[sl.start] = ups
+                w = sl.stop - sl.start
+                b_O = _bias_sums(model, clean.acts, sl)
+                for g0, g1 in group_chunks:
+                    c0, c1 = starts[g0], starts[g1]
+                    G = torch.empty((b, w, c1 - c0, cfg.d_model) if each else (b, c1 - c0, w, cfg.d_model),
+                                    dtype=dtype, device=dev)
+                    view = G.transpose(1, 2) if each else G  # [b, n, pc, d]
+                    grads_of = group_grads(model, acts, grads, last, batch.mask, sl, g0, g1)
+                    for k, g in zip(range(g0, g1), grads_of):
+                        # norm pull-backs run in float32 under bf16/fp16; padding is zero
+                        g = g.to(dtype)
+                        x, _, n_attn = layout[k]
+                        cols = slice(starts[k] - c0, starts[k + 1] - c0)
+                        view[:, cols] = g.transpose(1, 2)
+                        out_cols = slice(starts[k], starts[k + 1])
+                        bo = b_O[n_attn]
+                        if torch.is_tensor(bo):  # [d] or, with post-norm gains, [b, pc, d]
+                            bias[:, sl, out_cols] += g @ bo if bo.dim() == 1 else (g @ bo[:, :, :, None])[..., 0]
+                        in_dot_grad[:, sl, out_cols] += (g @ x[:, sl, :, None])[..., 0]
+                        del g
+                    n_up = layout[g1 - 1][1]  # the widest prefix in this chunk (prefixes grow)
+                    if each:  # [b, pc, U, d] @ [b, pc, d, n] -> [b, pc, U, n]
+                        values[:, sl, :, c0:c1] += ups @ G.transpose(-1, -2)
+                    else:  # [b, n_up, pc·d] @ [b, pc·d, n] -> [b, n_up, n]
+                        values[:, :n_up, c0:c1] += ups[:, :n_up].reshape(b, n_up, -1) @ \
+                            G.reshape(b, c1 - c0, -1).transpose(1, 2)
+                    del G, view
+
+    ups_cache: dict = {}
     if ig_steps:
         embed_names = [n for n in ("hook_embed", "hook_pos_embed") if n in model.hook_points]
         clean_e = {n: clean.acts[n] for n in embed_names}
         bad_e = {n: bad.acts[n] for n in embed_names}
-        groups = None
         for k in range(ig_steps):
             alpha = k / ig_steps
             hooks = [(n, lambda t, n, a=alpha: bad_e[n] + a * (clean_e[n] - bad_e[n]))
                      for n in embed_names]
-            step = model.run_with_cache(batch.tokens, fwd, attention_mask=batch.mask,
+            step = model.run_with_cache(batch.tokens, _step_sites(model), attention_mask=batch.mask,
                                         backward_of=metric_fn, grad_names=bwd, fwd_hooks=hooks)
-            g = downstream_grads(model, step.acts, step.grads, last, batch.mask)
-            groups = g if groups is None else [a + b for a, b in zip(groups, g)]
-        groups = [g / ig_steps for g in groups]
+            accumulate(step.acts, step.grads, ups_cache)
+            del step
+        for t in (values, bias, in_dot_grad):
+            t.div_(ig_steps)
     else:
-        groups = downstream_grads(model, clean.acts, clean.grads, last, batch.mask)
-    up, down = upstream_nodes(model), downstream_nodes(model)
-    b, n_pos = batch.tokens.shape
-    U, V = len(up), len(down)
-    # Attention output biases are bias terms: the running sum over layers feeds each group
-    # (per position: a post-norm's gain scales each layer's bias write).
-    b_O = [torch.zeros_like(out[:, :, 0])]
-    for L, blk in enumerate(model.blocks):
-        gain = write_gain(model, clean.acts, L, "attn")
-        b_O.append(b_O[-1] + (blk.attn.b_O if gain is None else blk.attn.b_O * gain))
-    shape = (b, n_pos, U, V) if positions == "each" else (b, U, V)
-    values = out.new_zeros(shape)
-    allowed = torch.zeros(U, V, dtype=torch.bool, device=out.device)
-    bias, in_dot_grad = out.new_zeros(b, n_pos, V), out.new_zeros(b, n_pos, V)
-    col = 0
-    d = out.shape[-1]
-    with torch.no_grad():
-        # Layouts in which every group's upstream prefix is a strided view, so each product is
-        # one batched matmul with no copy of the (large) upstream outputs.
-        if positions == "each":
-            ups = out.reshape(b * n_pos, U, d)
-        else:
-            ups = out.permute(0, 2, 1, 3).reshape(b, U, n_pos * d)
-        for g, (x, n_up, n_attn) in zip(groups, group_layout(model, clean.acts, last)):
-            g = g.to(out.dtype)  # norm pull-backs run in float32 under bf16/fp16; padding is zero
-            n = g.shape[2]
-            cols = slice(col, col + n)
-            if positions == "each":
-                prod = ups[:, :n_up] @ g.reshape(b * n_pos, n, d).transpose(1, 2)
-                values[:, :, :n_up, cols] = prod.view(b, n_pos, n_up, n)
-            else:
-                # attention groups are head-major in memory (downstream_grads): a view, no copy
-                g_rows = g.permute(0, 2, 1, 3).reshape(b, n, n_pos * d)
-                values[:, :n_up, cols] = ups[:, :n_up] @ g_rows.transpose(1, 2)
-            allowed[:n_up, cols] = True
-            bias[:, :, cols] = (g @ b_O[n_attn][:, :, :, None]).squeeze(-1)
-            in_dot_grad[:, :, cols] = (g @ x.transpose(-1, -2)).squeeze(-1)
-            col += n
-    return EdgeResults(values, up, down, allowed, bias, in_dot_grad,
-                       target.metric(clean.logits, batch), corrupt_metric)
+        accumulate(clean.acts, clean.grads, ups_cache)
+    values.masked_fill_(~allowed, 0)  # pairs where u is not upstream of v
+    return EdgeResults(values, up, down, allowed, bias, in_dot_grad, metric, corrupt_metric)
+
+
+def _step_sites(model: HookedTransformer) -> list[str]:
+    """The forward sites an EAP-IG step's pull-backs read (its norms)."""
+    return [f"blocks.{L}.{n}.{h}" for L in range(model.cfg.n_layers) for n in ("ln1", "ln2")
+            for h in ("hook_normalized", "hook_scale")]
 
 
 def check_edge_options(select: str, positions: str) -> KeepRule:
