@@ -12,6 +12,9 @@ import json
 import math
 import os
 import re
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,23 +105,136 @@ def weight_files(folder: Path) -> list[Path]:
     raise ModelLoadError(f"model folder {folder} has no model.safetensors or pytorch_model.bin")
 
 
-def read_state_dict(files: list[Path]) -> tuple[dict[str, torch.Tensor], str]:
-    from safetensors.torch import load_file
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+BASE_PREFIXES = ("transformer.", "gpt_neox.", "model.")
 
-    state, digest = {}, hashlib.sha256()
+
+def _damaged(f: Path, why: str) -> ModelLoadError:
+    return ModelLoadError(f"cannot read weights {f}: damaged or not a weights file ({why[:120]})")
+
+
+class Weights(Mapping):
+    """A checkpoint's tensors by name (base-model prefix stripped, so `transformer.h.0...` and
+    `h.0...` layouts both load), read from disk only when asked for, one tensor at a time.
+
+    safetensors files are read by their header's offsets straight into a fresh tensor (no memory
+    map kept, so what a loader holds is the tensors it still uses); each tensor goes to `device`
+    and is refused there if it holds NaN or infinite values. pytorch_model.bin files are memory
+    mapped by torch.load. `unread()` names the tensors never asked for, so a loader can still
+    check them."""
+
+    def __init__(self, files: list[Path], device: str | torch.device = "cpu", folder: Path | None = None):
+        self.device = torch.device(device)
+        self.folder = folder or (files[0].parent if files else Path("."))
+        self.where: dict[str, tuple] = {}  # name -> (file, dtype, shape, start, end) or (file, tensor)
+        self.read: set[str] = set()
+        self._handles: dict[Path, object] = {}
+        for f in files:
+            entries = self._safetensors_header(f) if f.suffix == ".safetensors" else self._bin(f)
+            for name, entry in entries.items():
+                for prefix in BASE_PREFIXES:
+                    if name.startswith(prefix):
+                        name = name[len(prefix):]
+                        break
+                self.where[name] = entry
+
+    @staticmethod
+    def _safetensors_header(f: Path) -> dict[str, tuple]:
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise _damaged(f, "header length past the end of the file")
+            try:
+                header = json.loads(fh.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise _damaged(f, f"header: {e}") from None
+        if not isinstance(header, dict):
+            raise _damaged(f, "header is not an object")
+        out = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_DTYPES[e["dtype"]]
+                shape = tuple(int(d) for d in e["shape"])
+                start, end = (8 + n + int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise _damaged(f, f"tensor {name}: {str(e)[:60]}") from None
+            if end > size or end - start != math.prod(shape) * dtype.itemsize:
+                raise _damaged(f, f"tensor {name} lies outside the file or has the wrong size")
+            out[name] = (f, dtype, shape, start, end)
+        return out
+
+    @staticmethod
+    def _bin(f: Path) -> dict[str, tuple]:
+        try:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory mapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle and zip errors have no common base
+            raise _damaged(f, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        if not isinstance(state, dict):
+            raise _damaged(f, f"holds a {type(state).__name__}, not a state dict")
+        return {k: (f, v) for k, v in state.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self.where[name]
+        if len(entry) == 2:
+            t = entry[1].to(self.device)
+        else:
+            f, dtype, shape, start, end = entry
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            fh = self._handles.get(f) or self._handles.setdefault(f, f.open("rb", buffering=0))
+            view, done = memoryview(buf.numpy()), 0
+            fh.seek(start)
+            while done < len(view):
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise _damaged(f, f"tensor {name} ends past the end of the file")
+                done += got
+            t = buf.view(dtype).view(shape).to(self.device)
+        self.read.add(name)
+        if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
+            raise ModelLoadError(f"weights in {self.folder}: {name} holds NaN or infinite values")
+        return t
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __contains__(self, name) -> bool:
+        return name in self.where
+
+    def unread(self) -> list[str]:
+        return [n for n in self.where if n not in self.read]
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+
+def sha256_files(files: list[Path], stop: threading.Event | None = None) -> str:
+    """sha256 over the files' bytes in the given order (hashlib releases the GIL, so this runs
+    beside the loading in a thread)."""
+    digest = hashlib.sha256()
     for f in files:
         with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
+            for chunk in iter(lambda: fh.read(8 << 20), b""):
+                if stop is not None and stop.is_set():
+                    return ""
                 digest.update(chunk)
-        try:
-            if f.suffix == ".safetensors":
-                state.update(load_file(f))
-            else:
-                state.update(torch.load(f, map_location="cpu", weights_only=True))
-        except Exception as e:  # safetensors, pickle and zip errors have no common base
-            raise ModelLoadError(f"cannot read weights {f}: damaged or not a weights file "
-                                 f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
-    return state, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def config_from_hf(c: dict) -> ModelConfig:
@@ -255,11 +371,11 @@ def _moe(arch: str, hf) -> dict:
                 d_shared=getattr(hf, "shared_expert_intermediate_size", 0) if arch == "qwen2_moe" else 0)
 
 
-def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the base-model prefix so both `transformer.h.0...` and `h.0...` layouts load."""
     out = {}
     for k, v in state.items():
-        for prefix in ("transformer.", "gpt_neox.", "model."):
+        for prefix in BASE_PREFIXES:
             if k.startswith(prefix):
                 k = k[len(prefix):]
                 break
@@ -267,20 +383,29 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+TIED = "tied"  # a W_U value in convert_groups: the loaded embedding W_E, transposed
+
+
 def convert(cfg: ModelConfig, c: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face parameter names and layouts to ours ([head, d_model, d_head] and so on)."""
-    s = _strip(state)
-    h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
-    out: dict[str, torch.Tensor] = {}
-    get = s.get
+    out: dict = {}
+    for group in convert_groups(cfg, c, _strip(state)):
+        out.update(group)
+    if isinstance(out["W_U"], str):
+        out["W_U"] = out["W_E"].T
+    return {k: v.contiguous() for k, v in out.items()}
 
-    def heads_in(w, n):  # a Linear weight [n * e, d] -> [n, d, e]
-        return w.reshape(n, e, d).transpose(1, 2)
 
+def convert_groups(cfg: ModelConfig, c: dict, s: Mapping[str, torch.Tensor]) -> Iterator[dict]:
+    """`convert` one group at a time: the embeddings, each layer, then the final norm with the
+    unembedding (TIED where it is the embedding), reading from `s` (prefixes stripped) only what
+    each group needs, so a streaming loader holds one layer's tensors at a time. Values may be
+    views (transposed, split); the loader copies them into its parameters."""
+    h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
     if cfg.arch == "gpt2":
-        out["W_E"], out["W_pos"] = s["wte.weight"], s["wpe.weight"]
+        yield {"W_E": s["wte.weight"], "W_pos": s["wpe.weight"]}
         for i in range(cfg.n_layers):
-            p, o = f"h.{i}.", f"blocks.{i}."
+            p, o, out = f"h.{i}.", f"blocks.{i}.", {}
             qkv_w = s[p + "attn.c_attn.weight"]  # Conv1D: [d, 3d]
             qkv_b = s[p + "attn.c_attn.bias"]
             for j, name in enumerate("QKV"):
@@ -293,12 +418,13 @@ def convert(cfg: ModelConfig, c: dict, state: dict[str, torch.Tensor]) -> dict[s
             out[o + "mlp.b_out"] = s[p + "mlp.c_proj.bias"]
             for ln, hf in (("ln1", "ln_1"), ("ln2", "ln_2")):
                 out[o + f"{ln}.w"], out[o + f"{ln}.b"] = s[p + f"{hf}.weight"], s[p + f"{hf}.bias"]
-        out["ln_final.w"], out["ln_final.b"] = s["ln_f.weight"], s["ln_f.bias"]
-        unembed = get("lm_head.weight")
+            yield out
+        final = {"ln_final.w": s["ln_f.weight"], "ln_final.b": s["ln_f.bias"]}
+        unembed = "lm_head.weight"
     elif cfg.arch == "gpt_neox":
-        out["W_E"] = s["embed_in.weight"]
+        yield {"W_E": s["embed_in.weight"]}
         for i in range(cfg.n_layers):
-            p, o = f"layers.{i}.", f"blocks.{i}."
+            p, o, out = f"layers.{i}.", f"blocks.{i}.", {}
             # Fused rows are laid out per head as [q | k | v], each d_head wide.
             w = s[p + "attention.query_key_value.weight"].reshape(h, 3, e, d)
             b = s[p + "attention.query_key_value.bias"].reshape(h, 3, e)
@@ -313,37 +439,40 @@ def convert(cfg: ModelConfig, c: dict, state: dict[str, torch.Tensor]) -> dict[s
             out[o + "mlp.b_out"] = s[p + "mlp.dense_4h_to_h.bias"]
             for ln, hf in (("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm")):
                 out[o + f"{ln}.w"], out[o + f"{ln}.b"] = s[p + f"{hf}.weight"], s[p + f"{hf}.bias"]
-        out["ln_final.w"], out["ln_final.b"] = s["final_layer_norm.weight"], s["final_layer_norm.bias"]
-        unembed = get("embed_out.weight", get("lm_head.weight"))
+            yield out
+        final = {"ln_final.w": s["final_layer_norm.weight"], "ln_final.b": s["final_layer_norm.bias"]}
+        unembed = "embed_out.weight" if "embed_out.weight" in s else "lm_head.weight"
     else:  # Llama family (Qwen, Phi-3, Gemma, OLMo 2)
-        out.update(_convert_llama_like(cfg, s))
-        unembed = get("lm_head.weight")
-    if unembed is None or c.get("tie_word_embeddings", cfg.arch == "gpt2" or cfg.arch in GEMMA):
-        unembed = out["W_E"]
-    out["W_U"] = unembed.T
-    return {k: v.contiguous() for k, v in out.items()}
+        final = yield from _llama_like_groups(cfg, s)
+        unembed = "lm_head.weight"
+    if unembed not in s or c.get("tie_word_embeddings", cfg.arch == "gpt2" or cfg.arch in GEMMA):
+        final["W_U"] = TIED
+    else:
+        final["W_U"] = s[unembed].T
+    yield final
 
 
-def _convert_llama_like(cfg: ModelConfig, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _llama_like_groups(cfg: ModelConfig, s: Mapping[str, torch.Tensor]):
+    """Yields the embedding and each layer; returns the final norm's group."""
     h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
-    out: dict[str, torch.Tensor] = {}
     gemma = cfg.arch in GEMMA
     norm_w = (lambda w: 1.0 + w.float()) if gemma else (lambda w: w)  # Gemma: RMSNorm by 1 + w
 
     def heads_in(w, n):  # a Linear weight [n * e, d] -> [n, d, e]
         return w.reshape(n, e, d).transpose(1, 2)
 
-    out["W_E"] = s["embed_tokens.weight"]
+    yield {"W_E": s["embed_tokens.weight"]}
     norms = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
     if cfg.post_norm:
         norms = {"ln1_post": "post_attention_layernorm", "ln2_post": "post_feedforward_layernorm"}
         if cfg.pre_norm:
             norms.update(ln1="input_layernorm", ln2="pre_feedforward_layernorm")
     for i in range(cfg.n_layers):
-        p, o = f"layers.{i}.", f"blocks.{i}."
-        proj = {n: s.get(p + f"self_attn.{n}_proj.weight") for n in "qkv"}
+        p, o, out = f"layers.{i}.", f"blocks.{i}.", {}
         if p + "self_attn.qkv_proj.weight" in s:  # Phi-3: rows [q | k | v], split here
             proj = dict(zip("qkv", s[p + "self_attn.qkv_proj.weight"].split([h * e, kv * e, kv * e])))
+        else:
+            proj = {n: s[p + f"self_attn.{n}_proj.weight"] for n in "qkv"}
         for name, n in (("q", h), ("k", kv), ("v", kv)):
             out[o + f"attn.W_{name.upper()}"] = heads_in(proj[name], n)
             if p + f"self_attn.{name}_proj.bias" in s:
@@ -356,19 +485,19 @@ def _convert_llama_like(cfg: ModelConfig, s: dict[str, torch.Tensor]) -> dict[st
             out[o + "attn.k_norm.w"] = norm_w(s[p + "self_attn.k_norm.weight"])
         if cfg.n_experts:
             mlp = _experts(cfg, s, p, out, o)
-        else:
-            mlp = {hf: s.get(p + f"mlp.{hf}.weight") for hf in ("gate_proj", "up_proj")}
-            if p + "mlp.gate_up_proj.weight" in s:  # Phi-3: rows [gate | up], split here
-                mlp = dict(zip(("gate_proj", "up_proj"), s[p + "mlp.gate_up_proj.weight"].chunk(2, 0)))
+        elif p + "mlp.gate_up_proj.weight" in s:  # Phi-3: rows [gate | up], split here
+            mlp = dict(zip(("gate_proj", "up_proj"), s[p + "mlp.gate_up_proj.weight"].chunk(2, 0)))
             mlp["down_proj"] = s[p + "mlp.down_proj.weight"]
+        else:
+            mlp = {hf: s[p + f"mlp.{hf}.weight"] for hf in ("gate_proj", "up_proj", "down_proj")}
         for ours, hf in (("W_in", "gate_proj"), ("W_up", "up_proj"), ("W_out", "down_proj")):
             out[o + f"mlp.{ours}"] = mlp[hf].T
             if p + f"mlp.{hf}.bias" in s:
                 out[o + f"mlp.{ours.replace('W_', 'b_')}"] = s[p + f"mlp.{hf}.bias"]
         for ours, hf in norms.items():
             out[o + f"{ours}.w"] = norm_w(s[p + f"{hf}.weight"])
-    out["ln_final.w"] = norm_w(s["norm.weight"])
-    return out
+        yield out
+    return {"ln_final.w": norm_w(s["norm.weight"])}
 
 
 def _experts(cfg: ModelConfig, s: dict, p: str, out: dict, o: str) -> dict[str, torch.Tensor]:
@@ -413,20 +542,71 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 _LAYER_KEY = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
 
 
-def _check_weights(folder: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
-    """Weights the config does not describe, or that are not finite, are refused."""
-    layers = {int(m.group(1)) for k in state for m in [_LAYER_KEY.search(k)] if m}
+def _check_layers(folder: Path, cfg: ModelConfig, names) -> None:
+    """Weights for more or fewer layers than the config declares are refused."""
+    layers = {int(m.group(1)) for k in names for m in [_LAYER_KEY.search(k)] if m}
     if layers and max(layers) + 1 != cfg.n_layers:
         raise ModelLoadError(f"config.json in {folder} declares {cfg.n_layers} layers but the "
                              f"weights hold {max(layers) + 1}")
-    for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ModelLoadError(f"weights in {folder}: {name} holds NaN or infinite values")
+
+
+@torch.no_grad()
+def build_model(cfg: ModelConfig, c: dict, weights: Weights, device: torch.device,
+                dtype: torch.dtype, folder: Path) -> HookedTransformer:
+    """The model built on the meta device, given uninitialised storage in `dtype` on `device`,
+    then filled group by group from `weights` (one layer's tensors in memory at a time).
+
+    Values are those of building the model in float32, loading the checkpoint into it and
+    casting to `dtype` (what actwh did before): every checkpoint dtype of at most 32 bits
+    converts to float32 exactly, so one cast from it is the same rounding; wider values are
+    rounded to float32 first."""
+    with torch.device("meta"):
+        model = HookedTransformer(cfg)
+    model.to(dtype=dtype).to_empty(device=device)
+    model.init_buffers()
+    params = dict(model.named_parameters())
+    loaded = set()
+    try:
+        for group in convert_groups(cfg, c, weights):
+            for name, t in group.items():
+                if name not in params:
+                    continue  # like load_state_dict(strict=False): a value we have no place for
+                p = params[name]
+                if isinstance(t, str):  # TIED: the embedding as loaded, transposed
+                    t = params["W_E"].T
+                if t.shape != p.shape:
+                    raise ModelLoadError(f"weights in {folder} do not match its config.json: {name} "
+                                         f"has shape {list(t.shape)}, the config gives {list(p.shape)}")
+                p.copy_(t.float() if t.dtype == torch.float64 else t)
+                loaded.add(name)
+    except KeyError as e:
+        raise ModelLoadError(f"weights in {folder} do not match its config.json: no tensor "
+                             f"{e.args[0]!r}") from None
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:  # a tensor that cannot take the config's shape (reshape, split)
+        raise ModelLoadError(f"weights in {folder} do not match its config.json: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+    # Only biases a family lacks may be absent; they are zero.
+    missing = [n for n in params if n not in loaded]
+    lacking = [m for m in missing if not m.split(".")[-1].startswith("b")]
+    if lacking:
+        raise ModelLoadError(f"weights in {folder} lack {', '.join(lacking[:5])}")
+    for name in missing:
+        params[name].zero_()
+    for name in weights.unread():  # never converted, still checked for NaN (weights[name] does)
+        weights[name]
+    return model.eval()
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = None,
                dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a checkpoint folder (or cache name, or the default model when None) and its tokenizer."""
+    """Load a checkpoint folder (or cache name, or the default model when None) and its tokenizer.
+
+    The model is built on the meta device and its weights streamed from the files to `device`
+    one layer at a time, already in `dtype`: host memory holds the model's weights (when
+    `device` is the CPU) plus one layer's tensors. The files' sha256 is taken in a thread
+    alongside."""
     folder = resolve(name_or_path)
     try:
         c = json.loads((folder / "config.json").read_text())
@@ -441,22 +621,26 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise ModelLoadError(f"{folder / 'config.json'} has a malformed value: {e}") from None
     check_device(device)
-    state, sha = read_state_dict(weight_files(folder))
-    _check_weights(folder, cfg, state)
-    model = HookedTransformer(cfg)
-    try:
-        missing, unexpected = model.load_state_dict(convert(cfg, c, state), strict=False)
-    except (KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"weights in {folder} do not match its config.json: {e}") from None
-    # Only biases a family lacks may stay at their zero initialisation.
-    missing = [m for m in missing if not m.split(".")[-1].startswith("b")]
-    if missing:
-        raise ModelLoadError(f"weights in {folder} lack {', '.join(missing[:5])}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    files = weight_files(folder)
     if not any((folder / f).exists() for f in TOKENIZER_FILES):
         raise ModelLoadError(f"model folder {folder} has no tokenizer (none of "
                              f"{', '.join(TOKENIZER_FILES)})")
-    model.to(device=device, dtype=dtype).eval()
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        sha = pool.submit(sha256_files, files, stop)
+        weights = None
+        try:
+            weights = Weights(files, device, folder)
+            _check_layers(folder, cfg, weights)
+            model = build_model(cfg, c, weights, device, dtype, folder)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            if weights is not None:
+                weights.close()
+        sha = sha.result()
     try:
         tokenizer = load_tokenizer(folder)
     except Exception as e:

@@ -289,13 +289,18 @@ class MLP(nn.Module):
             self.W_router = nn.Parameter(torch.empty(cfg.d_model, cfg.n_experts))
             if cfg.d_shared:
                 self.W_shared_gate = nn.Parameter(torch.empty(cfg.d_model, 1))
-            widths = torch.tensor([cfg.d_mlp] * cfg.n_experts + ([cfg.d_shared] if cfg.d_shared else []))
-            self.register_buffer("expert_of", torch.repeat_interleave(torch.arange(len(widths)), widths),
-                                 persistent=False)  # [neurons] -> expert
+            self.register_buffer("expert_of", self.expert_map(), persistent=False)  # [neurons] -> expert
             self.hook_router_logits = HookPoint()  # [batch, pos, n_experts]
             self.hook_expert_weights = HookPoint()  # [batch, pos, n_experts] router softmax
             self.hook_routing = HookPoint()  # [batch, pos, n_mlp_nodes] each expert's weight
             # (0 where not routed; the shared expert's sigmoid gate last)
+
+    def expert_map(self) -> torch.Tensor:
+        """The expert of each neuron (on the CPU, even while the model is built on the meta device)."""
+        cfg = self.cfg
+        widths = torch.tensor([cfg.d_mlp] * cfg.n_experts + ([cfg.d_shared] if cfg.d_shared else []),
+                              device="cpu")
+        return torch.repeat_interleave(torch.arange(len(widths), device="cpu"), widths)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Each expert's weight per token, as transformers routes: softmax over the router logits
@@ -423,6 +428,18 @@ class HookedTransformer(nn.Module):
             self.hook_logits_raw = HookPoint()  # [batch, pos, d_vocab] before the soft-cap
         self.index_hook_points()
         self.requires_grad_(False)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the buffers no checkpoint holds (identity norms' ones and zeros, each
+        neuron's expert) in place: a model built on the meta device and given storage by
+        `to_empty` (compute/loading.py) has them uninitialised."""
+        for m in self.modules():
+            if isinstance(m, Norm) and m.kind == "none":
+                m.w.fill_(1)
+                m.b.fill_(0)
+            elif isinstance(m, MLP) and m.cfg.n_experts:
+                m.expert_of.copy_(m.expert_map())
 
     def index_hook_points(self) -> None:
         """Name every HookPoint by its module path (again after an SAE is spliced in)."""

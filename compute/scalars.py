@@ -74,8 +74,11 @@ class Ctx:
             m = self.model
             r = self.target.readout(self.cache.logits, self.batch)
             b, p = self.batch.tokens.shape
-            key = torch.unique(r.batch * p + r.pos)
-            self._rows = (key // p, key % p)
+            if r.rows is not None:  # the targets know their rows: no host synchronisation
+                self._rows = r.rows
+            else:
+                key = torch.unique(r.batch * p + r.pos)
+                self._rows = (key // p, key % p)
             direction = torch.zeros(b, p, m.cfg.d_model, dtype=m.W_U.dtype, device=m.device)
             weight = r.weight * self.softcap_gain(r)
             direction.index_put_((r.batch, r.pos), weight[:, None] * m.W_U[:, r.vocab].T,

@@ -80,6 +80,8 @@ class Readout:
     vocab: torch.Tensor
     weight: torch.Tensor
     constant: torch.Tensor  # [batch]
+    # the distinct (batch, pos) read, ascending; known without a host synchronisation
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -96,17 +98,17 @@ def _logit_readout(logits, b: Batch, diff: bool) -> Readout:
     rows, pos = _scored(logits, b)
     ones = torch.ones(len(rows), dtype=logits.dtype, device=logits.device)
     if not diff:
-        return Readout(rows, pos, b.target_ids, ones, torch.zeros_like(ones))
+        return Readout(rows, pos, b.target_ids, ones, torch.zeros_like(ones), (rows, pos))
     return Readout(torch.cat([rows, rows]), torch.cat([pos, pos]),
                    torch.cat([b.target_ids, b.distractor_ids]), torch.cat([ones, -ones]),
-                   torch.zeros_like(ones))
+                   torch.zeros_like(ones), (rows, pos))
 
 
 def _logprob_readout(logits, b: Batch) -> Readout:
     rows, pos = _scored(logits, b)
     lse = _wide(logits[rows, pos]).logsumexp(-1).to(logits.dtype)
     ones = torch.ones(len(rows), dtype=logits.dtype, device=logits.device)
-    return Readout(rows, pos, b.target_ids, ones, -lse)
+    return Readout(rows, pos, b.target_ids, ones, -lse, (rows, pos))
 
 
 def _loss_pairs(b: Batch):
@@ -124,7 +126,7 @@ def _loss_readout(logits, b: Batch) -> Readout:
     lse = _wide(logits[rows, pos]).logsumexp(-1).to(logits.dtype)
     constant = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
     constant.index_add_(0, rows, lse / count[rows])
-    return Readout(rows, pos, nxt, weight, constant)
+    return Readout(rows, pos, nxt, weight, constant, (rows, pos))  # nonzero's order: ascending
 
 
 def _logit(logits, b):
@@ -139,14 +141,16 @@ def _logit_diff(logits, b):
 
 def _logprob(logits, b):
     rows, pos = _scored(logits, b)
-    return _wide(logits[rows, pos]).log_softmax(-1)[torch.arange(len(rows)), b.target_ids]
+    return _wide(logits[rows, pos]).log_softmax(-1)[rows, b.target_ids]
 
 
 def _loss(logits, b):
-    rows, pos, count = _loss_pairs(b)
-    nll = -_wide(logits[rows, pos]).log_softmax(-1)[torch.arange(len(rows)), b.tokens[rows, pos + 1]]
-    out = torch.zeros(logits.shape[0], dtype=nll.dtype, device=logits.device)
-    return out.index_add(0, rows, nll) / count
+    # every (prompt, position) at once, pairs whose next token is padding weighted 0: no
+    # host synchronisation (the readout's nonzero) where the loss is only reported
+    m = b.mask.bool()
+    valid = m[:, :-1] & m[:, 1:]
+    nll = -_wide(logits[:, :-1]).log_softmax(-1).gather(-1, b.tokens[:, 1:, None])[..., 0]
+    return torch.where(valid, nll, 0).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
 @dataclass(frozen=True)
