@@ -102,6 +102,7 @@ class PopulateOptions:
     saes: tuple[tuple[str, str | None], ...] = ()  # (folder, site override) to splice in
     baseline: str = "zero"  # `*_attribution` scalars: zero | corrupt | mean
     ig_steps: int = 0  # `*_attribution` scalars: integration points (0: gradient at clean)
+    max_memory: str | int | None = None  # edges: device bytes the run may hold ("40GB"); None: free
 
     @staticmethod
     def sae_pairs(folders, sites=()) -> tuple[tuple[str, str | None], ...]:
@@ -152,6 +153,12 @@ class PopulateOptions:
             raise ActwhError(f"unknown --baseline {self.baseline!r}; valid: zero, corrupt, mean")
         if not _is_int(self.ig_steps) or self.ig_steps < 0:
             raise ActwhError(f"--ig-steps must be a whole number >= 0, not {self.ig_steps!r}")
+        if self.max_memory is not None:
+            from actwh.compute.memory import parse_memory
+
+            parse_memory(self.max_memory)
+            if self.edges is None or not self.edges.component:
+                raise ActwhError("--max-memory plans the component graph's edges: add --edges")
 
     def to_json(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -366,6 +373,12 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
                               "prompts": os.path.abspath(opts.prompts),
                               "saes": tuple((os.path.abspath(f), site) for f, site in opts.saes)})
 
+    batch_size, edge_memory = opts.batch_size, None
+    if opts.edges is not None and opts.edges.component:  # refused here, before anything is written
+        from actwh.compute.memory import populate_plan
+
+        edge_memory, batch_size = populate_plan(loaded.model, opts.max_memory, opts.batch_size,
+                                                max(len(e.ids) for e in encoded), opts.edges)
     writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), wait_s=None, on_wait=on_wait,
                              group_rows=commit_rows, group_seconds=commit_seconds,
                              hold_bytes=hold_bytes)
@@ -398,10 +411,10 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     node_baseline = attribution_baseline(loaded, encoded, scalars, opts) if attributing else None
     sums: dict = {}  # Σ attributions and Δmetric over the prompts of this call
     try:
-        for i in range(0, len(pending), opts.batch_size):
-            chunk = pending[i:i + opts.batch_size]
+        for i in range(0, len(pending), batch_size):
+            chunk = pending[i:i + batch_size]
             tables = compute_batch(loaded, chunk, target, needed, scalars, selection, opts.detach_ln,
-                                   run_id, token_text, opts.edges, node_baseline, sums)
+                                   run_id, token_text, opts.edges, node_baseline, sums, edge_memory)
             writer.queue_batch(run_id, tables)
             for t in rows:
                 rows[t] += tables[t].num_rows
@@ -439,8 +452,10 @@ def attribution_baseline(loaded, encoded, scalars, opts) -> tuple:
 def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selection, detach_ln,
                   run_id: int, token_text: dict[int, str],
                   edges: EdgeOptions | None = None, node_baseline=None,
-                  sums: dict | None = None) -> dict[str, pa.Table]:
-    """Compute one batch and shape it into the Arrow tables the warehouse appends."""
+                  sums: dict | None = None, edge_memory: int | None = None) -> dict[str, pa.Table]:
+    """Compute one batch and shape it into the Arrow tables the warehouse appends.
+    edge_memory: the device budget (bytes) the component edges are chunked to fit (when the plan
+    reruns blocks in the backward pass, the scalars' pass does too)."""
     from actwh import rows
     from actwh.compute.sae import spliced
     from actwh.compute.scalars import compute_scalars
@@ -454,8 +469,18 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
     base, steps = node_baseline or ("zero", 0)
     if isinstance(base, str) and base == "corrupt":
         base = Batch.from_ids([e.corrupt for e in chunk], loaded.tokenizer.pad_token_id or 0).tokens
-    res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln,
-                          node_baseline=base, ig_steps=steps)
+    chunks = None
+    if edges is not None and edges.component and edge_memory is not None:
+        from actwh.compute.edges import recompute_blocks
+        from actwh.compute.memory import batch_chunks
+
+        chunks = batch_chunks(loaded.model, len(chunk), batch.tokens.shape[1], edge_memory, edges)
+        with recompute_blocks(loaded.model, chunks.recompute):
+            res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln,
+                                  node_baseline=base, ig_steps=steps)
+    else:
+        res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln,
+                              node_baseline=base, ig_steps=steps)
     if sums is not None:
         for k, v in res.completeness.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
@@ -471,7 +496,8 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
            "tokens": rows.token_table(run_id, chunk, token_text)}
     corrupt_metric = to_target = np.full(len(chunk), np.nan)
     if edges is not None:
-        parts, corrupt_metric, to_target = batch_edges(loaded, chunk, batch, target, edges, prompt_ids)
+        parts, corrupt_metric, to_target = batch_edges(loaded, chunk, batch, target, edges, prompt_ids,
+                                                       chunks)
         out["edges"] = rows.arrow_table(rows.edge_columns(parts), run_id)
     out["prompts"] = rows.prompt_table(run_id, chunk, res.metric.float().cpu().numpy(),
                                        res.loss.float().cpu().numpy(), corrupt_metric, to_target,
@@ -479,9 +505,11 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
     return out
 
 
-def batch_edges(loaded, chunk: list[Encoded], batch, target, edges: EdgeOptions, prompt_ids):
+def batch_edges(loaded, chunk: list[Encoded], batch, target, edges: EdgeOptions, prompt_ids,
+                chunks=None):
     """One batch's edges as row parts (component graph, then node-level edges), with each
-    prompt's corrupted metric and sum of edges into the target (NaN where not computed)."""
+    prompt's corrupted metric and sum of edges into the target (NaN where not computed).
+    chunks: how the component edges are split (compute.edges.EdgeChunks; None: one pass)."""
     from actwh import rows
     from actwh.compute.keep import KeepRule
     from actwh.compute.targets import Batch
@@ -495,8 +523,8 @@ def batch_edges(loaded, chunk: list[Encoded], batch, target, edges: EdgeOptions,
         bad = None
         if edges.baseline == "corrupt":
             bad = Batch.from_ids([e.corrupt for e in chunk], loaded.tokenizer.pad_token_id or 0).tokens
-        er = component_edges(loaded.model, batch, target, corrupt=bad,
-                             ig_steps=edges.ig_steps, positions=edges.positions)
+        er = component_edges(loaded.model, batch, target, corrupt=bad, ig_steps=edges.ig_steps,
+                             positions=edges.positions, chunks=chunks)
         parts.append(rows.component_edge_part(er, kept_edges(er, rule, batch.mask), prompt_ids,
                                               [e.target for e in chunk], batch.mask))
         into = er.values[..., -1]

@@ -143,6 +143,10 @@ PARAM_HELP = ("Bind $K to V (repeatable); never pasted into the SQL. V binds as 
                    "latents) of each prompt, or into every active latent of the spliced "
                    "autoencoders; also into the target unless --edges is given. --edges-select "
                    "then applies per traced node.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Device memory the run may hold, e.g. 40GB or 512MB: the component edges are "
+                   "chunked, and the batch made smaller, to stay under it [default: what the "
+                   "device has free].")
 @click.option("--sae", "sae_dirs", multiple=True, type=click.Path(), metavar="DIR",
               help="Splice a sparse autoencoder (SAELens or OpenAI layout); repeatable.")
 @click.option("--sae-site", "sae_sites", multiple=True, metavar="SITE",
@@ -157,8 +161,8 @@ PARAM_HELP = ("Bind $K to V (repeatable); never pasted into the SQL. V binds as 
 @click.pass_context
 def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select, batch_size, device,
              dtype, name, prepend_bos, detach_ln, resume, edges, edges_baseline, ig_steps,
-             edges_select, edges_positions, edges_into, sae_dirs, sae_sites, commit_seconds,
-             top, node_baseline) -> None:
+             edges_select, edges_positions, edges_into, max_memory, sae_dirs, sae_sites,
+             commit_seconds, top, node_baseline) -> None:
     """Run the model over PROMPTS (.txt or .jsonl) and load scalars into the warehouse.
 
     A populate never gives up on a file someone else holds open: it keeps computing, holds the
@@ -211,7 +215,8 @@ def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select,
                                device=device, dtype=dtype, name=name, prepend_bos=prepend_bos,
                                detach_ln=detach_ln, edges=edge_opts,
                                saes=PopulateOptions.sae_pairs(sae_dirs, sae_sites),
-                               baseline=node_baseline, ig_steps=ig_steps if attributing else 0)
+                               baseline=node_baseline, ig_steps=ig_steps if attributing else 0,
+                               max_memory=max_memory)
     if commit_seconds < 0:
         raise click.BadParameter("must be >= 0", param_hint="--commit-seconds")
     result = run(db, opts, resume=resume, on_wait=lambda msg: click.echo(msg, err=True),

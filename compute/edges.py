@@ -33,6 +33,7 @@ gradient is the model's own); latents enter edges at node level (node_edges.py).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -130,17 +131,23 @@ class EdgeChunks:
     rows: prompts per forward + backward pass (None: the whole batch); positions: positions per
     edge GEMM (None: all); groups: downstream groups (each layer's q, k, v heads, its MLP, the
     target) per GEMM (None: all). Every split gives the same edges up to float rounding: prompts
-    are independent, and an edge is a sum over positions of per-position products."""
+    are independent, and an edge is a sum over positions of per-position products. recompute:
+    the backward pass reruns each block from its input (activation checkpointing) instead of
+    keeping what autograd saves in the forward pass: the same values, one more forward pass,
+    one layer's attention probabilities held at a time instead of every layer's."""
 
     rows: int | None = None
     positions: int | None = None
     groups: int | None = None
+    recompute: bool = False  # keep only each block's input for the backward; rerun the block there
 
     def __post_init__(self):
         for name in ("rows", "positions", "groups"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ActwhError(f"edge chunk {name} must be a whole number >= 1, not {v!r}")
+        if not isinstance(self.recompute, bool):
+            raise ActwhError(f"edge chunk recompute must be True or False, not {self.recompute!r}")
 
 
 def _group_sizes(cfg) -> list[int]:
@@ -251,6 +258,26 @@ def _bias_sums(model: HookedTransformer, acts, sl: slice) -> list:
     return out
 
 
+@contextmanager
+def recompute_blocks(model: HookedTransformer, on: bool = True):
+    """Within the block, each transformer block runs under non-reentrant activation
+    checkpointing (torch.utils.checkpoint): its forward keeps only its inputs, and the backward
+    reruns it. Hooks fire again in the rerun with the same values, so caches and gradients are
+    unchanged (tests/test_edge_chunks.py)."""
+    if not on:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    for blk in model.blocks:
+        blk.forward = lambda *a, f=type(blk).forward.__get__(blk): checkpoint(f, *a, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for blk in model.blocks:
+            del blk.forward
+
+
 def _sub_batch(batch: Batch, rows: slice) -> Batch:
     pick = lambda t: None if t is None else t[rows]  # noqa: E731
     return Batch(batch.tokens[rows], batch.mask[rows], pick(batch.target_ids), pick(batch.distractor_ids),
@@ -297,9 +324,10 @@ def _edges(model: HookedTransformer, batch: Batch, target: Target, corrupt, ig_s
     batch = batch.to(model.device)
     fwd, bwd, last = _sites(model)
     metric_fn = lambda logits: target.metric(logits, batch).sum()  # noqa: E731
-    clean = model.run_with_cache(batch.tokens, fwd, attention_mask=batch.mask,
-                                 backward_of=metric_fn if not ig_steps else None,
-                                 grad_names=bwd)
+    with recompute_blocks(model, chunks.recompute and not ig_steps):
+        clean = model.run_with_cache(batch.tokens, fwd, attention_mask=batch.mask,
+                                     backward_of=metric_fn if not ig_steps else None,
+                                     grad_names=bwd)
     bad = corrupt_metric = None
     if corrupt is not None:
         bad = model.run_with_cache(corrupt.to(model.device), fwd, attention_mask=batch.mask)
@@ -388,8 +416,9 @@ def _edges(model: HookedTransformer, batch: Batch, target: Target, corrupt, ig_s
             alpha = k / ig_steps
             hooks = [(n, lambda t, n, a=alpha: bad_e[n] + a * (clean_e[n] - bad_e[n]))
                      for n in embed_names]
-            step = model.run_with_cache(batch.tokens, _step_sites(model), attention_mask=batch.mask,
-                                        backward_of=metric_fn, grad_names=bwd, fwd_hooks=hooks)
+            with recompute_blocks(model, chunks.recompute):
+                step = model.run_with_cache(batch.tokens, _step_sites(model), attention_mask=batch.mask,
+                                            backward_of=metric_fn, grad_names=bwd, fwd_hooks=hooks)
             accumulate(step.acts, step.grads, ups_cache)
             del step
         for t in (values, bias, in_dot_grad):

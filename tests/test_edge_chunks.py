@@ -1,5 +1,5 @@
 """Acceptance 1 of issue 18: edges computed in chunks (prompts, positions, downstream groups,
-and all three at once) equal the one-pass edges within float32 rounding, on every family, for
+all three at once, and with blocks recomputed in the backward pass) equal the one-pass edges within float32 rounding, on every family, for
 the zero and corrupt baselines and EAP-IG, with positions summed and kept. The one-pass edges
 are checked against brute-force autograd in test_edges.py."""
 
@@ -20,9 +20,11 @@ BAD = ["when John and Mary went to the store , Mary gave a ball to", "a dog", "t
 # each split alone, then all three at once (sizes that do not divide the batch, the 14
 # positions or the 4·layers + 1 groups, so chunks end mid-layer and a last chunk is short)
 ALL = EdgeChunks(rows=2, positions=5, groups=3)
-PLANS = {"zero-summed-right": [EdgeChunks(rows=1), EdgeChunks(positions=3), EdgeChunks(groups=2)],
-         "zero-each-left": [ALL], "corrupt-summed-left": [ALL],
-         "ig-summed-right": [EdgeChunks(rows=1, positions=1, groups=1)], "ig-each-left": [ALL]}
+# recompute: blocks rerun in the backward pass (activation checkpointing)
+PLANS = {"zero-summed-right": [EdgeChunks(rows=1), EdgeChunks(positions=3), EdgeChunks(groups=2),
+                               EdgeChunks(recompute=True)],
+         "zero-each-left": [ALL], "corrupt-summed-left": [EdgeChunks(rows=2, positions=5, groups=3, recompute=True)],
+         "ig-summed-right": [EdgeChunks(rows=1, positions=1, groups=1, recompute=True)], "ig-each-left": [ALL]}
 
 
 def batches(loaded, side):
@@ -60,6 +62,6 @@ def test_chunked_edges_equal_one_pass(tiny_model, case):
 
 
 def test_bad_chunks_are_refused():
-    for bad in (dict(rows=0), dict(positions=-1), dict(groups=1.5), dict(rows=True)):
+    for bad in (dict(rows=0), dict(positions=-1), dict(groups=1.5), dict(rows=True), dict(recompute=1)):
         with pytest.raises(ActwhError, match="edge chunk"):
             EdgeChunks(**bad)
