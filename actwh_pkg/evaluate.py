@@ -14,7 +14,9 @@ Circuits come from the run's stored edges (summed over positions), per prompt:
 - `influence`: circuit-tracer's influence pruning (sizes: edge thresholds, the cumulative
   influence fraction of edges kept, at `--node-threshold`);
 - `circuit`: a stored circuit (`circuits` table) applied to every prompt.
-Each size of a batch costs one patched forward pass; the clean and baseline runs are shared.
+Each size of a batch costs one patched forward pass; one more pass per batch gives the baseline
+(the corrupted run, or everything patched), shared by all sizes; the clean metric is the one
+populate stored (a clean pass only where it stored none).
 """
 
 from __future__ import annotations
@@ -261,7 +263,7 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
     prompt instead of per-prompt circuits from `opts.method`."""
     import torch
 
-    from actwh.compute.patching import baseline_writes, mean_writes, run_patched
+    from actwh.compute.patching import baseline_writes, mean_writes, run_patched, upstream_writes
     from actwh.compute.targets import get_target
     from actwh.warehouse.store import Warehouse
 
@@ -304,6 +306,15 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
     corrupt = opts.baseline == "corrupt"
     encoded = encoded_prompts(wh, run, loaded, target, ids, corrupt)
     index = EdgeIndex(model)
+    clean_metric = dict(wh.sql("SELECT prompt_id, metric FROM prompts WHERE run_id = $run",
+                               run=run_id).iter_rows())
+
+    def stored_clean(chunk):
+        """The clean metric populate stored for these prompts (None: run the clean pass)."""
+        got = [clean_metric.get(e.prompt_id) for e in chunk]
+        if any(v is None or v != v for v in got):
+            return None
+        return torch.tensor(got, dtype=torch.float64)
     means = None
     if opts.baseline == "mean":
         everyone = encoded_prompts(wh, run, loaded, target, all_ids, False)
@@ -335,11 +346,16 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
             chunk = encoded[start:start + opts.batch_size]
             batch, bad = make_batch(loaded, chunk, corrupt)
             batch = batch.to(model.device)
-            base = baseline_writes(model, batch, bad if corrupt else (means if means is not None
-                                                                       else "zero"))
-            clean = target.metric(model(batch.tokens, batch.mask), batch).double().cpu()
-            none = torch.zeros(full.shape, dtype=torch.bool)
-            low = target.metric(run_patched(model, batch, none, base=base), batch).double().cpu()
+            if corrupt:  # one pass gives the baseline writes and the baseline (= all patched) run
+                base, bad_logits = upstream_writes(model, bad, batch.mask, with_logits=True)
+                low = target.metric(bad_logits, batch).double().cpu()
+            else:
+                base = baseline_writes(model, batch, means if means is not None else "zero")
+                none = torch.zeros(full.shape, dtype=torch.bool)
+                low = target.metric(run_patched(model, batch, none, base=base), batch).double().cpu()
+            clean = stored_clean(chunk)
+            if clean is None:
+                clean = target.metric(model(batch.tokens, batch.mask), batch).double().cpu()
             span = clean - low
 
             def add(i, sel, keep_n, nodes, metric):
