@@ -22,6 +22,7 @@ populate stored (a clean pass only where it stored none).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import os
 from dataclasses import dataclass, field
 
@@ -496,23 +497,30 @@ def evaluate_nodes(db, run_id: int, opts: EvalOptions, scalars: tuple[str, ...] 
     return EvalResult(write_evals(db, run_id, "nodes", opts.baseline, cols, provenance), cols)
 
 
-def write_evals(db, run_id: int, method: str, baseline: str, cols: dict, provenance: dict) -> int:
-    """One evaluation's provenance row and its circuit_evals rows, in one transaction."""
-    import pyarrow as pa
-
+@contextmanager
+def new_evaluation(db, run_id: int, provenance: dict):
+    """One transaction that adds an `evaluations` row (its provenance) and yields
+    (connection, eval_id) for the rows measured under it (circuit_evals, node/edge_effects)."""
     from actwh.compute.scalars import NODE_TYPES, SCALARS
+    from actwh.warehouse.schema import create_missing_tables
     from actwh.warehouse.store import WarehouseWriter, _now
 
     writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))
-    n = len(cols["prompt_id"])
     with writer.transaction() as con:
-        from actwh.warehouse.schema import create_missing_tables
-
         create_missing_tables(con)
         eval_id = con.execute("SELECT coalesce(max(eval_id), 0) + 1 FROM evaluations").fetchone()[0]
         con.execute("INSERT INTO evaluations VALUES ($id, $run, $at, $version, $options)",
                     {"id": eval_id, "run": run_id, "at": _now(), "version": __version__,
                      "options": json.dumps(provenance)})
+        yield con, eval_id
+
+
+def write_evals(db, run_id: int, method: str, baseline: str, cols: dict, provenance: dict) -> int:
+    """One evaluation's provenance row and its circuit_evals rows, in one transaction."""
+    import pyarrow as pa
+
+    n = len(cols["prompt_id"])
+    with new_evaluation(db, run_id, provenance) as (con, eval_id):
         rows = pa.table({
             "eval_id": pa.array([eval_id] * n, pa.int32()),
             "run_id": pa.array([run_id] * n, pa.int32()),
