@@ -322,7 +322,7 @@ def node_masks(model: HookedTransformer, batch: Batch, nodes) -> dict[str, torch
             for site, units in node_sites(model, node_type, layer):
                 if site not in masks:
                     model.hook_point(site)  # an unknown site raises
-                    masks[site] = torch.zeros(b, p, *([_units(model, site)] if units else []),
+                    masks[site] = torch.zeros(b, p, *([site_units(model, site)] if units else []),
                                               dtype=torch.bool, device=model.device)
                 m = masks[site][i]
                 where = slice(None) if pos is None else pos
@@ -335,7 +335,7 @@ def node_masks(model: HookedTransformer, batch: Batch, nodes) -> dict[str, torch
     return masks
 
 
-def _units(model: HookedTransformer, site: str) -> int:
+def site_units(model: HookedTransformer, site: str) -> int:
     cfg = model.cfg
     if site.endswith("attn.hook_z"):
         return cfg.n_heads
