@@ -14,12 +14,15 @@ Circuits come from the run's stored edges (summed over positions), per prompt:
 - `influence`: circuit-tracer's influence pruning (sizes: edge thresholds, the cumulative
   influence fraction of edges kept, at `--node-threshold`);
 - `circuit`: a stored circuit (`circuits` table) applied to every prompt.
-Each size of a batch costs one patched forward pass; the clean and baseline runs are shared.
+Each size of a batch costs one patched forward pass; one more pass per batch gives the baseline
+(the corrupted run, or everything patched), shared by all sizes; the clean metric is the one
+populate stored (a clean pass only where it stored none).
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import os
 from dataclasses import dataclass, field
 
@@ -261,7 +264,7 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
     prompt instead of per-prompt circuits from `opts.method`."""
     import torch
 
-    from actwh.compute.patching import baseline_writes, mean_writes, run_patched
+    from actwh.compute.patching import baseline_writes, mean_writes, run_patched, upstream_writes
     from actwh.compute.targets import get_target
     from actwh.warehouse.store import Warehouse
 
@@ -304,6 +307,15 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
     corrupt = opts.baseline == "corrupt"
     encoded = encoded_prompts(wh, run, loaded, target, ids, corrupt)
     index = EdgeIndex(model)
+    clean_metric = dict(wh.sql("SELECT prompt_id, metric FROM prompts WHERE run_id = $run",
+                               run=run_id).iter_rows())
+
+    def stored_clean(chunk):
+        """The clean metric populate stored for these prompts (None: run the clean pass)."""
+        got = [clean_metric.get(e.prompt_id) for e in chunk]
+        if any(v is None or v != v for v in got):
+            return None
+        return torch.tensor(got, dtype=torch.float64)
     means = None
     if opts.baseline == "mean":
         everyone = encoded_prompts(wh, run, loaded, target, all_ids, False)
@@ -335,11 +347,16 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
             chunk = encoded[start:start + opts.batch_size]
             batch, bad = make_batch(loaded, chunk, corrupt)
             batch = batch.to(model.device)
-            base = baseline_writes(model, batch, bad if corrupt else (means if means is not None
-                                                                       else "zero"))
-            clean = target.metric(model(batch.tokens, batch.mask), batch).double().cpu()
-            none = torch.zeros(full.shape, dtype=torch.bool)
-            low = target.metric(run_patched(model, batch, none, base=base), batch).double().cpu()
+            if corrupt:  # one pass gives the baseline writes and the baseline (= all patched) run
+                base, bad_logits = upstream_writes(model, bad, batch.mask, with_logits=True)
+                low = target.metric(bad_logits, batch).double().cpu()
+            else:
+                base = baseline_writes(model, batch, means if means is not None else "zero")
+                none = torch.zeros(full.shape, dtype=torch.bool)
+                low = target.metric(run_patched(model, batch, none, base=base), batch).double().cpu()
+            clean = stored_clean(chunk)
+            if clean is None:
+                clean = target.metric(model(batch.tokens, batch.mask), batch).double().cpu()
             span = clean - low
 
             def add(i, sel, keep_n, nodes, metric):
@@ -374,19 +391,33 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
     return EvalResult(eval_id, cols)
 
 
-NODE_TYPES_PATCHED = {"attn_head": "blocks.{L}.attn.hook_z", "mlp_neuron": "blocks.{L}.mlp.hook_post"}
-NODE_RANKERS = ("attn_act_times_grad", "mlp_act_times_grad", "attn_attribution", "mlp_attribution")
+NODE_RANKERS = ("attn_act_times_grad", "mlp_act_times_grad", "sae_act_times_grad",
+                "attn_attribution", "mlp_attribution", "sae_attribution")
+
+
+def patched_sites(model) -> dict[tuple[int, str], str]:
+    """The sites node circuits patch, by (layer, node type): every head's z and neuron's
+    activation, and every spliced autoencoder's latents."""
+    from actwh.compute.patching import node_sites
+    from actwh.compute.sae import spliced
+
+    out = {(L, t): node_sites(model, t, L)[0][0] for L in range(model.cfg.n_layers)
+           for t in ("attn_head", "mlp_neuron")}
+    out.update({(s.info.layer, "sae_latent"): node_sites(model, "sae_latent", s.info.layer)[0][0]
+                for s in spliced(model)})
+    return out
 
 
 def evaluate_nodes(db, run_id: int, opts: EvalOptions, scalars: tuple[str, ...] | None = None) -> EvalResult:
-    """Node circuits: per prompt the top-n heads and neurons by |Σ over positions| of a stored
-    node scalar keep their activations; every other head's z and neuron's activation is patched
-    to its baseline at every position (activation patching of their writes). Rows go to
-    circuit_evals with selection `nodes:top-n:N` and n_edges 0; `none` patches every head and
-    neuron, `all` is the clean run."""
+    """Node circuits: per prompt the top-n heads, neurons and autoencoder latents by |Σ over
+    positions| of a stored node scalar keep their activations; every other head's z, neuron's
+    activation and latent is patched to its baseline at every position (activation patching of
+    their writes). Rows go to circuit_evals with selection `nodes:top-n:N` and n_edges 0; `none`
+    patches every one of them, `all` is the clean run. Per batch: one patched pass per size and
+    one for the baseline; the clean metric is the one populate stored."""
     import torch
 
-    from actwh.compute.patching import mean_acts, run_nodes_patched, site_baselines
+    from actwh.compute.patching import mean_acts, run_nodes_patched, site_units
     from actwh.compute.targets import get_target
     from actwh.warehouse.store import Warehouse
 
@@ -402,7 +433,7 @@ def evaluate_nodes(db, run_id: int, opts: EvalOptions, scalars: tuple[str, ...] 
     rankers = list(scalars) if scalars else [s for s in NODE_RANKERS if s in stored]
     bad = [s for s in rankers if s not in stored or s not in NODE_RANKERS]
     if bad or not rankers:
-        raise ActwhError(f"node circuits rank heads and neurons by a stored scalar of "
+        raise ActwhError(f"node circuits rank heads, neurons and latents by a stored scalar of "
                          f"{', '.join(NODE_RANKERS)}; run {run_id} has {run['scalars']}")
     all_ids = wh.sql("SELECT prompt_id FROM prompts WHERE run_id = $run ORDER BY prompt_id",
                      run=run_id)["prompt_id"].to_list()
@@ -416,12 +447,13 @@ def evaluate_nodes(db, run_id: int, opts: EvalOptions, scalars: tuple[str, ...] 
                     "GROUP BY ALL ORDER BY prompt_id, score DESC, layer, node_type, node_index",
                     run=run_id, scalars=rankers, prompts=ids)
     by_prompt = {pid: df.rows() for (pid,), df in scores.group_by("prompt_id", maintain_order=True)}
+    clean_metric = dict(wh.sql("SELECT prompt_id, metric FROM prompts WHERE run_id = $run",
+                               run=run_id).iter_rows())
     target = get_target(run["target"])
     loaded = load_run_model(run, opts.device)
     model = loaded.model
-    cfg = model.cfg
-    sites = {t: [f.format(L=L) for L in range(cfg.n_layers)] for t, f in NODE_TYPES_PATCHED.items()}
-    flat = [s for v in sites.values() for s in v]
+    site_of = patched_sites(model)
+    flat = list(site_of.values())
     corrupt = opts.baseline == "corrupt"
     encoded = encoded_prompts(wh, run, loaded, target, ids, corrupt)
     means = None
@@ -429,7 +461,6 @@ def evaluate_nodes(db, run_id: int, opts: EvalOptions, scalars: tuple[str, ...] 
         everyone = encoded_prompts(wh, run, loaded, target, all_ids, False)
         means = mean_acts(model, (make_batch(loaded, everyone[i:i + opts.batch_size], False)[0]
                                   for i in range(0, len(everyone), opts.batch_size)), flat)
-    total = cfg.n_layers * (cfg.n_heads + cfg.d_mlp)
     cols = {k: [] for k in ("prompt_id", "selection", "n_edges", "n_nodes", "metric",
                             "faithfulness")}
     encoded.sort(key=lambda e: len(e.ids))
@@ -437,27 +468,39 @@ def evaluate_nodes(db, run_id: int, opts: EvalOptions, scalars: tuple[str, ...] 
         chunk = encoded[start:start + opts.batch_size]
         batch, bad_tokens = make_batch(loaded, chunk, corrupt)
         batch = batch.to(model.device)
-        base = site_baselines(model, batch, flat, bad_tokens if corrupt else
-                              (means if means is not None else "zero"))
         b, p = batch.tokens.shape
+        with torch.no_grad():
+            if corrupt:  # one pass: the baseline activations and the baseline (= all patched) run
+                cache = model.run_with_cache(bad_tokens.to(model.device), flat,
+                                             attention_mask=batch.mask)
+                base, low_logits = cache.acts, cache.logits
+            elif means is not None:
+                pos = model.positions(batch.mask)
+                base = {s: means[s][pos.clamp(max=means[s].shape[0] - 1)] for s in flat}
+            else:
+                base = {s: torch.zeros((), dtype=model.W_E.dtype, device=model.device) for s in flat}
+        shapes = {s: site_units(model, s) for s in flat}
+        total = sum(shapes.values())
 
         def masks(n):
-            """Patch masks keeping each prompt's top n heads and neurons (n None: none kept)."""
-            m = {s: torch.ones(b, p, cfg.n_heads, dtype=torch.bool, device=model.device)
-                 for s in sites["attn_head"]}
-            m.update({s: torch.ones(b, p, cfg.d_mlp, dtype=torch.bool, device=model.device)
-                      for s in sites["mlp_neuron"]})
+            """Patch masks keeping each prompt's top n nodes (n None: none kept)."""
+            m = {s: torch.ones(b, p, shapes[s], dtype=torch.bool, device=model.device) for s in flat}
             kept = []
             for i, e in enumerate(chunk):
                 top = by_prompt.get(e.prompt_id, [])[: n or 0]
                 kept.append(len(top))
                 for _, layer, node_type, index, _ in top:
-                    m[NODE_TYPES_PATCHED[node_type].format(L=layer)][i, :, index] = False
+                    m[site_of[(layer, node_type)]][i, :, index] = False
             return m, kept
-        with torch.no_grad():
-            clean = target.metric(model(batch.tokens, batch.mask), batch).double().cpu()
-        low = target.metric(run_nodes_patched(model, batch, masks(None)[0], base),
-                            batch).double().cpu()
+        if not corrupt:
+            low_logits = run_nodes_patched(model, batch, masks(None)[0], base)
+        low = target.metric(low_logits, batch).double().cpu()
+        got = [clean_metric.get(e.prompt_id) for e in chunk]
+        if any(v is None or v != v for v in got):
+            with torch.no_grad():
+                clean = target.metric(model(batch.tokens, batch.mask), batch).double().cpu()
+        else:
+            clean = torch.tensor(got, dtype=torch.float64)
         span = clean - low
         rows = [(i, "none", 0, low[i]) for i in range(len(chunk))]
         rows += [(i, "all", total, clean[i]) for i in range(len(chunk))]
@@ -480,23 +523,30 @@ def evaluate_nodes(db, run_id: int, opts: EvalOptions, scalars: tuple[str, ...] 
     return EvalResult(write_evals(db, run_id, "nodes", opts.baseline, cols, provenance), cols)
 
 
-def write_evals(db, run_id: int, method: str, baseline: str, cols: dict, provenance: dict) -> int:
-    """One evaluation's provenance row and its circuit_evals rows, in one transaction."""
-    import pyarrow as pa
-
+@contextmanager
+def new_evaluation(db, run_id: int, provenance: dict):
+    """One transaction that adds an `evaluations` row (its provenance) and yields
+    (connection, eval_id) for the rows measured under it (circuit_evals, node/edge_effects)."""
     from actwh.compute.scalars import NODE_TYPES, SCALARS
+    from actwh.warehouse.schema import create_missing_tables
     from actwh.warehouse.store import WarehouseWriter, _now
 
     writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))
-    n = len(cols["prompt_id"])
     with writer.transaction() as con:
-        from actwh.warehouse.schema import create_missing_tables
-
         create_missing_tables(con)
         eval_id = con.execute("SELECT coalesce(max(eval_id), 0) + 1 FROM evaluations").fetchone()[0]
         con.execute("INSERT INTO evaluations VALUES ($id, $run, $at, $version, $options)",
                     {"id": eval_id, "run": run_id, "at": _now(), "version": __version__,
                      "options": json.dumps(provenance)})
+        yield con, eval_id
+
+
+def write_evals(db, run_id: int, method: str, baseline: str, cols: dict, provenance: dict) -> int:
+    """One evaluation's provenance row and its circuit_evals rows, in one transaction."""
+    import pyarrow as pa
+
+    n = len(cols["prompt_id"])
+    with new_evaluation(db, run_id, provenance) as (con, eval_id):
         rows = pa.table({
             "eval_id": pa.array([eval_id] * n, pa.int32()),
             "run_id": pa.array([run_id] * n, pa.int32()),

@@ -13,7 +13,6 @@ at once), so a batch costs N passes.
 
 from __future__ import annotations
 
-import json
 
 from actwh.errors import ActwhError
 
@@ -150,20 +149,11 @@ def verify(db, run_id: int, what: str, top: int, baseline: str | None = None,
 def write_effects(db, run_id: int, what: str, baseline: str, rows: list[dict], provenance) -> int:
     import pyarrow as pa
 
-    from actwh import __version__
-    from actwh.compute.scalars import NODE_TYPES, SCALARS
-    from actwh.warehouse.schema import create_missing_tables
-    from actwh.warehouse.store import WarehouseWriter, _now
+    from actwh.evaluate import new_evaluation
 
-    writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))
     n = len(rows)
     col = lambda k, t: pa.array([r[k] for r in rows], t)  # noqa: E731
-    with writer.transaction() as con:
-        create_missing_tables(con)
-        eval_id = con.execute("SELECT coalesce(max(eval_id), 0) + 1 FROM evaluations").fetchone()[0]
-        con.execute("INSERT INTO evaluations VALUES ($id, $run, $at, $version, $options)",
-                    {"id": eval_id, "run": run_id, "at": _now(), "version": __version__,
-                     "options": json.dumps(provenance)})
+    with new_evaluation(db, run_id, provenance) as (con, eval_id):
         common = {"eval_id": pa.array([eval_id] * n, pa.int32()),
                   "run_id": pa.array([run_id] * n, pa.int32()),
                   "prompt_id": col("prompt_id", pa.int32()),

@@ -1,6 +1,7 @@
 """Circuit evaluation: k circuit sizes of a batch (one patched forward pass each, every
 downstream input patched per prompt) vs k bare forward passes of the same model; and how many
-forward passes an evaluation of k sizes makes in all (shared clean and baseline runs included).
+forward passes a whole `actwh evaluate` of k sizes makes per batch (the baseline run included;
+the clean metric is the one populate stored), counted on the default model's IOI prompts.
 
     python benchmarks/bench_evaluate.py [--batch 8] [--seq 32] [--sizes 5]
 """
@@ -64,6 +65,42 @@ def main() -> None:
         patched()
         hook.remove()
         emit("evaluate_forward_passes", calls[0], "passes/batch", "sizes", args.sizes, **common)
+    whole_evaluate(args)
+
+
+def whole_evaluate(args) -> None:
+    """Every forward pass of `evaluate` (any entry into the model), per batch, per baseline."""
+    import json
+
+    from actwh.compute.default_model import PROMPTS
+    from actwh.compute.model import HookedTransformer
+    from actwh.evaluate import EvalOptions, evaluate
+    from actwh.runner import EdgeOptions, PopulateOptions, populate
+
+    tmp = Path(tempfile.mkdtemp())
+    rows = [json.loads(x) for x in open(PROMPTS / "ioi.jsonl")][: args.batch * 2]
+    prompts = tmp / "ioi.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = tmp / "wh.duckdb"
+    populate(db, PopulateOptions(prompts=str(prompts), scalars=("attn_act_times_grad",),
+                                 edges=EdgeOptions(baseline="corrupt"), batch_size=args.batch),
+             progress=False)
+    calls = [0]
+    forward = HookedTransformer.forward
+
+    def counting(self, *a, **k):
+        calls[0] += 1
+        return forward(self, *a, **k)
+    HookedTransformer.forward = counting
+    try:
+        for baseline in ("corrupt", "zero"):
+            calls[0] = 0
+            sizes = tuple(range(1, args.sizes + 1))
+            evaluate(db, 1, EvalOptions("top-n", sizes, baseline, None, batch_size=args.batch))
+            emit("evaluate_whole_forward_passes", calls[0] / 2, "passes/batch", "sizes",
+                 args.sizes, model="default", batch=args.batch, baseline_kind=baseline)
+    finally:
+        HookedTransformer.forward = forward
 
 
 if __name__ == "__main__":

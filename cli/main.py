@@ -437,11 +437,12 @@ def examples(kind) -> None:
 @click.option("--circuit", "circuit_id", type=int, default=None, metavar="ID",
               help="Evaluate a stored circuit (see `actwh circuit --save`) instead.")
 @click.option("--nodes", "nodes", is_flag=True,
-              help="Node circuits: the top-n heads and neurons by a stored scalar keep their "
-                   "activations, every other one is patched (--method top-n; sizes: node counts).")
+              help="Node circuits: the top-n heads, neurons and latents by a stored scalar keep "
+                   "their activations, every other one is patched (--method top-n; sizes: node "
+                   "counts).")
 @click.option("--scalars", "rankers", default=None, metavar="A,B,...",
-              help="--nodes: the stored scalars that rank heads and neurons [default: their act "
-                   "× grad and attribution scalars the run stored].")
+              help="--nodes: the stored scalars that rank heads, neurons and latents [default: "
+                   "their act × grad and attribution scalars the run stored].")
 @click.option("--batch-size", default=8, show_default=True, help="Prompts per patched pass.")
 @device_option
 @format_option

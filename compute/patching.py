@@ -69,12 +69,14 @@ def _expert_writes(model, L, post, acts) -> torch.Tensor:
 
 
 def upstream_writes(model: HookedTransformer, tokens: torch.Tensor,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Every upstream node's write on `tokens` (run with attention mask `mask`). [b, p, U, d]"""
+                    mask: torch.Tensor | None = None, *, with_logits: bool = False):
+    """Every upstream node's write on `tokens` (run with attention mask `mask`). [b, p, U, d]
+    With `with_logits`, (writes, logits) of that one pass."""
     with torch.no_grad():
         cache = model.run_with_cache(tokens.to(model.device), write_sites(model),
                                      attention_mask=None if mask is None else mask.to(model.device))
-    return writes_from(model, cache.acts)
+    writes = writes_from(model, cache.acts)
+    return (writes, cache.logits) if with_logits else writes
 
 
 def mean_writes(model: HookedTransformer, batches: Iterable[Batch]) -> torch.Tensor:
@@ -320,7 +322,7 @@ def node_masks(model: HookedTransformer, batch: Batch, nodes) -> dict[str, torch
             for site, units in node_sites(model, node_type, layer):
                 if site not in masks:
                     model.hook_point(site)  # an unknown site raises
-                    masks[site] = torch.zeros(b, p, *([_units(model, site)] if units else []),
+                    masks[site] = torch.zeros(b, p, *([site_units(model, site)] if units else []),
                                               dtype=torch.bool, device=model.device)
                 m = masks[site][i]
                 where = slice(None) if pos is None else pos
@@ -333,7 +335,7 @@ def node_masks(model: HookedTransformer, batch: Batch, nodes) -> dict[str, torch
     return masks
 
 
-def _units(model: HookedTransformer, site: str) -> int:
+def site_units(model: HookedTransformer, site: str) -> int:
     cfg = model.cfg
     if site.endswith("attn.hook_z"):
         return cfg.n_heads

@@ -7,7 +7,10 @@ fraction t: sort scores descending, find the first index where the running sum r
 the total, keep every score ≥ the score there. Nodes at t = 0.8 (tokens and targets always
 kept), then edges at t = 0.98 on P̂ (Â restricted to kept nodes, rows renormalised):
 score = P̂[dst, src] · (w·(P̂ + P̂² + …) + w)[dst]. Finally drop, until stable, every feature
-node without a kept outgoing or incoming edge (error nodes need only an outgoing one).
+node without a kept outgoing or incoming edge. Source nodes need only an outgoing one: error
+nodes (they have no inputs) and any node with no incoming edge in the stored graph at all (a run
+stores each prompt's top edges, so a head whose inputs were not among them is a source there, not
+a dead end; on a full graph, as circuit-tracer prunes, only error nodes are such).
 """
 
 from __future__ import annotations
@@ -151,11 +154,11 @@ def prune_matrix(a: np.ndarray, w: np.ndarray, node_types: list[str], node_t: fl
     edge_inf = influence(p_hat, w) + w
     scores = p_hat * edge_inf[:, None]
     keep_edges = (scores >= cut(scores[scores > 0], edge_t)) & (scores > 0)
-    is_error = np.array([t == "sae_error" for t in node_types])
+    source = np.array([t == "sae_error" for t in node_types]) | ~(a != 0).any(1)
     while True:
         has_out = keep_edges.any(0)  # src column: some kept edge leaves the node
         has_in = keep_edges.any(1)
-        drop = keep_nodes & ~exempt & (~has_out | (~has_in & ~is_error))
+        drop = keep_nodes & ~exempt & (~has_out | (~has_in & ~source))
         if not drop.any():
             break
         keep_nodes &= ~drop

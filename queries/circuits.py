@@ -84,6 +84,14 @@ class StoredCircuit:
         """Its keep mask over a model's component graph (`actwh.evaluate.EdgeIndex`)."""
         return index.mask(self.edges)
 
+    def to_circuit(self):
+        """As a `Circuit` (labelled nodes and edges, positions summed), for drawing and export."""
+        from actwh.queries.circuit import Circuit, _nodes_of, _with_labels
+
+        edges = self.edges.with_columns(pl.lit(None, pl.Int64).alias("up_pos"),
+                                        pl.lit(None, pl.Int64).alias("down_pos"))
+        return Circuit(_nodes_of(edges), _with_labels(edges))
+
 
 def save_circuit(db, run: int, circuit, method: str, params: dict, prompts: list[int]) -> int:
     """Store a circuit; returns its id."""

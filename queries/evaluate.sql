@@ -85,3 +85,21 @@ FROM effects
 WHERE eval_id = (SELECT eval_id FROM chosen)
 GROUP BY eval_id, run_id, predictor, baseline
 ORDER BY predictor;
+
+-- name: stored_circuit
+-- The edges of a stored circuit (`actwh circuit ... --save`), by its id: labels, the downstream input and the (mean) value it was kept with.
+-- params: circuit
+WITH e AS (
+    SELECT c.circuit_id, c.run_id, c.method, unnest(from_json(c.edges::VARCHAR,
+        '[{"up_layer": "INTEGER", "up_type": "VARCHAR", "up_index": "INTEGER", "down_layer": "INTEGER", "down_type": "VARCHAR", "down_index": "INTEGER", "down_input": "VARCHAR", "value": "DOUBLE"}]')) AS x
+    FROM circuits c
+    WHERE c.circuit_id = $circuit
+)
+SELECT circuit_id, run_id, method,
+       node_label(x.up_layer, x.up_type, x.up_index) AS up_label,
+       node_label(x.down_layer, x.down_type, x.down_index) AS down_label,
+       x.down_input AS down_input, x.value AS value,
+       x.up_layer AS up_layer, x.up_type AS up_type, x.up_index AS up_index,
+       x.down_layer AS down_layer, x.down_type AS down_type, x.down_index AS down_index
+FROM e
+ORDER BY abs(x.value) DESC, up_layer, up_index, down_layer, down_index, down_input;

@@ -64,7 +64,8 @@ def reference_prune(edges, node_t, edge_t):
 
     w = np.array([1.0 if x[1] == "logit" else 0.0 for x in nodes])
     exempt = np.array([x[1] in ("embed", "logit") for x in nodes])
-    error = np.array([x[1] == "sae_error" for x in nodes])
+    # sources need no kept incoming edge: error nodes, and nodes no stored edge leads into
+    error = np.array([x[1] == "sae_error" or not any(d == x for _, d, _ in edges) for x in nodes])
     a_hat = normalise(np.abs(a))
     infl = series(a_hat, w)
     keep = (infl >= cut(infl, node_t)) | exempt
@@ -149,6 +150,13 @@ def test_the_fixture_can_tell_the_rules_apart(stored):
         assert any(n[1] in ("attn_head", "sae_latent") for n in nodes)
         assert len(nodes) < len({e[0] for e in edges} | {e[1] for e in edges})  # some are pruned
     assert kept_errors > 0  # error nodes (no incoming edges) survive only by their own rule
+    # heads and latents no stored edge leads into: kept as sources (with an outgoing edge)
+    sources = 0
+    for edges in graphs.values():
+        nodes, _ = reference_prune(edges, 0.8, 0.98)
+        downs = {d for _, d, _ in edges}
+        sources += sum(n[1] in ("attn_head", "sae_latent") and n not in downs for n in nodes)
+    assert sources > 0
 
 
 def keys(c):

@@ -65,6 +65,42 @@ def test_stored_circuit_round_trip_and_evaluation(wh_eval, tmp_path):  # noqa: F
     back = read_circuit(Warehouse(db), cid)
     assert back.prompts == [0, 1, 3] and back.method == "influence"
     assert back.edges.height == circuit.edges.height > 0
+    # the saved query reads it back by id in SQL: the same edges, values and labels
+    from actwh.ontology import node_label
+    from actwh.queries.loader import Queries
+
+    sq = Queries()["stored_circuit"](Warehouse(db), circuit=cid)
+    key = ("up_layer", "up_type", "up_index", "down_layer", "down_type", "down_index", "down_input")
+    want = {r[:7]: r[7] for r in circuit.edges.select(*key, "value").rows()}
+    got = {r[:7]: r[7] for r in sq.select(*key, "value").rows()}
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want)
+    for r in sq.iter_rows(named=True):
+        assert r["up_label"] == node_label(r["up_layer"], r["up_type"], r["up_index"])
+        assert r["down_label"] == node_label(r["down_layer"], r["down_type"], r["down_index"])
+    assert Queries()["stored_circuit"](Warehouse(db), circuit=cid + 1).height == 0
+    # the circuit page draws it by id: every edge, and a clear 404 for an unknown id
+    import html
+    import re
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from actwh.views.server import make_server, url_of
+
+    srv = make_server(db, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        page = urllib.request.urlopen(url_of(srv) + f"circuit?run=1&circuit={cid}").read().decode()
+        assert f'<span id="n-edges">{circuit.edges.height}</span>' in page
+        drawn = html.unescape(page)
+        for r in sq.iter_rows(named=True):
+            assert r["up_label"] in drawn and r["down_label"] in drawn
+        assert re.search(r"prompt 0\b", drawn)  # drawn over its first prompt
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url_of(srv) + f"circuit?run=1&circuit={cid + 1}")
+        assert e.value.code == 404 and f"no circuit {cid + 1}" in e.value.read().decode()
+    finally:
+        srv.shutdown()
     res = evaluate(db, 1, EvalOptions(baseline="corrupt", prompts=(2, 3)), circuit=back)
     rows = Warehouse(db).sql("SELECT * FROM circuit_evals WHERE eval_id = $e AND selection = $s",
                              e=res.eval_id, s=f"circuit:{cid}")

@@ -313,3 +313,25 @@ def test_default_model_influence_circuit_faithfulness(tmp_path):
     assert ranked["rank"].to_list() == [1, 2, 3]
     assert ranked["auc"].to_list() == sorted(ranked["auc"].to_list(), reverse=True)
     assert ranked["n_prompts"].to_list() == [24] * 3
+
+
+@pytest.mark.parametrize("baseline", ["corrupt", "zero"])
+def test_k_sizes_cost_k_patched_passes_plus_one_baseline_pass(wh_eval, monkeypatch, baseline):
+    """#20 acc. 6: per batch, one pass per circuit size and one for the baseline, no clean pass
+    (populate stored the clean metric); the faithfulness end points still come out 0 and 1."""
+    from actwh.compute.model import HookedTransformer
+
+    db, _ = wh_eval
+    calls = []
+    forward = HookedTransformer.forward
+    monkeypatch.setattr(HookedTransformer, "forward",
+                        lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    sizes = (2, 5, 9, 10_000)
+    res = evaluate(db, 1, EvalOptions("top-n", sizes, baseline, (0, 1, 2, 3), batch_size=2))
+    assert len(calls) == 2 * (len(sizes) + 1)  # two batches of two prompts
+    rows = Warehouse(db).sql("SELECT selection, faithfulness FROM circuit_evals WHERE eval_id = $e",
+                             e=res.eval_id)
+    ends = dict(rows.filter(pl.col("selection").is_in(["none", "all"])).group_by("selection")
+                .agg(pl.col("faithfulness").min().alias("lo"), pl.col("faithfulness").max()
+                     .alias("hi")).select("selection", pl.concat_list("lo", "hi")).iter_rows())
+    assert ends == {"none": [0.0, 0.0], "all": [1.0, 1.0]}

@@ -154,3 +154,64 @@ def test_node_circuits_equal_hand_written_ablation(wh_verify):
             assert r["n_nodes"] == n
     ranked = Queries()["method_auc"](wh)
     assert "nodes" not in ranked["scoring"].to_list()
+
+
+def test_node_circuits_with_latents_under_the_corrupt_baseline(tmp_path, gpt2_dir):
+    """evaluate --nodes on a run with an autoencoder: heads, neurons and latents ranked together;
+    every node outside each prompt's top n takes its activation on the corrupted prompt. The
+    metric equals a patch written here from the corrupted run's own cache; latents get kept."""
+    import duckdb
+
+    from actwh.compute.sae import load_sae, splice
+    from actwh.evaluate import EvalOptions, evaluate_nodes
+    from test_sae import write_saelens
+
+    loaded = load_model(gpt2_dir, device="cpu")
+    sae_dir, _ = write_saelens(tmp_path / "sae", loaded.model.cfg.d_model, 16,
+                               "blocks.1.hook_resid_pre")
+    prompts = write_prompts(tmp_path / "p.jsonl", ROWS)
+    db = tmp_path / "wh.duckdb"
+    populate(db, PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), batch_size=3,
+                                 select="dense", saes=((str(sae_dir), None),),
+                                 scalars=("attn_act_times_grad", "mlp_act_times_grad",
+                                          "sae_act_times_grad")), progress=False)
+    res = evaluate_nodes(db, 1, EvalOptions("top-n", (4, 12), "corrupt", (0, 1, 3), batch_size=2))
+    model, tok = loaded.model, loaded.tokenizer
+    splice(model, load_sae(str(sae_dir)))
+    latents = "blocks.1.hook_resid_pre.sae.hook_latents"
+    sites = {**{(L, "attn_head"): f"blocks.{L}.attn.hook_z" for L in range(model.cfg.n_layers)},
+             **{(L, "mlp_neuron"): f"blocks.{L}.mlp.hook_post" for L in range(model.cfg.n_layers)},
+             (1, "sae_latent"): latents}
+    with duckdb.connect(str(db), read_only=True) as con:
+        scores = con.sql("SELECT prompt_id, layer, node_type::VARCHAR, node_index, sum(value) "
+                         "FROM node_scalars WHERE run_id = 1 GROUP BY ALL").fetchall()
+    kept_latents = 0
+    rows = Warehouse(db).sql("SELECT * FROM circuit_evals WHERE eval_id = $e", e=res.eval_id)
+    assert rows.height == 3 * 4
+    for r in rows.iter_rows(named=True):
+        row = ROWS[r["prompt_id"]]
+        ids = torch.tensor([tok(row["text"]).input_ids])
+        bad = torch.tensor([tok(row["corrupt"]).input_ids])
+        assert bad.shape == ids.shape
+        with torch.no_grad():
+            corrupt = model.run_with_cache(bad, list(sites.values())).acts
+        mine = sorted((s for s in scores if s[0] == r["prompt_id"]), key=lambda s: -abs(s[4]))
+        n = {"none": 0, "all": None}.get(r["selection"], None)
+        if r["selection"].startswith("nodes:"):
+            n = int(r["selection"].rsplit(":", 1)[1])
+        kept = None if n is None else {(s[1], s[2], s[3]) for s in mine[:n]}
+        if kept:
+            kept_latents += sum(k[1] == "sae_latent" for k in kept)
+
+        def patch(t, name):
+            (L, kind), = [k for k, v in sites.items() if v == name]
+            t = t.clone()
+            for i in range(t.shape[2]):
+                if (L, kind, i) not in kept:
+                    t[:, :, i] = corrupt[name][:, :, i]
+            return t
+        hooks = [] if kept is None else [(s, patch) for s in sites.values()]
+        with torch.no_grad(), model.hooks(hooks):
+            ref = metric(model(ids), tok, row)
+        assert r["metric"] == pytest.approx(ref, abs=1e-4), r["selection"]
+    assert kept_latents > 0

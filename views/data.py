@@ -256,6 +256,27 @@ def circuit(f: Fetcher, run: int, prompt: int, method: str = "influence",
                           toks["token_id"].to_list(), p["text"], info.get("n_layers"))
 
 
+def stored_circuit(f: Fetcher, run: int, circuit_id: int, prompt: int | None = None) -> CircuitPicture:
+    """A stored circuit (`actwh circuit --save`), read by id with the saved query
+    `stored_circuit`, drawn over one of the prompts it was averaged over (its first by default)."""
+    from actwh.queries.circuits import read_circuit
+
+    info = run_info(f, run)
+    try:
+        stored = read_circuit(f.wh, circuit_id)
+    except ActwhError:
+        raise NotFound(f"no circuit {circuit_id} in the warehouse") from None
+    if stored.run_id != run:
+        raise NotFound(f"circuit {circuit_id} belongs to run {stored.run_id}, not {run}")
+    f("stored_circuit", circuit=circuit_id)
+    prompt = stored.prompts[0] if prompt is None else prompt
+    p = prompt_info(f, run, prompt)
+    toks = f("prompt_tokens_list", run=run, prompt=prompt)
+    return CircuitPicture(stored.to_circuit(), run, prompt, f"stored circuit {circuit_id} ({stored.method})",
+                          {"circuit": circuit_id, **stored.params}, toks["token"].to_list(),
+                          toks["token_id"].to_list(), p["text"], info.get("n_layers"))
+
+
 NODE_KEY = ("layer", "node_type", "node_index", "pos")
 
 

@@ -266,16 +266,23 @@ def _legend() -> str:
 # (two animation frames later). benchmarks/bench_views.py reads both.
 PAINT_MARKS = ('performance.mark("circuit-drawn"); requestAnimationFrame(() => '
                'requestAnimationFrame(() => performance.mark("circuit-painted")));')
-CIRCUIT_PARAMS = ("run", "prompt", "method", "threshold", "n", "node_threshold", "edge_threshold")
+CIRCUIT_PARAMS = ("run", "prompt", "method", "threshold", "n", "node_threshold", "edge_threshold",
+                  "circuit")
 
 
 def circuit_page(wh, p: Params) -> str:
     f = D.Fetcher(wh)
-    run, prompt = p.int("run"), p.int("prompt")
-    args = _circuit_args(p)
-    pic = D.circuit(f, run, prompt, **args)
+    run, stored = p.int("run"), p.int("circuit", None, 1)
+    if stored is not None:  # a stored circuit, by id, drawn over one of its prompts
+        pic = D.stored_circuit(f, run, stored, p.int("prompt", None))
+        prompt = pic.prompt
+        form = f'<p class="stored">{escape(pic.method)}: {escape(json.dumps(pic.settings))}</p>'
+    else:
+        prompt = p.int("prompt")
+        args = _circuit_args(p)
+        pic = D.circuit(f, run, prompt, **args)
+        form = f'<form method="get">{_hidden(run=run, prompt=prompt)}{_circuit_form(args)}<button>draw</button></form>'
     svg = draw.circuit_svg(pic)
-    form = f'<form method="get">{_hidden(run=run, prompt=prompt)}{_circuit_form(args)}<button>draw</button></form>'
     body = (f'<p class="text">{escape(pic.text)}</p>{form}{_legend()}'
             f'<p class="counts"><span id="n-nodes">{pic.n_nodes}</span> nodes, '
             f'<span id="n-edges">{pic.n_edges}</span> edges</p>'
