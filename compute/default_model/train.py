@@ -244,6 +244,20 @@ def previous_token_attention_loss(attentions, layer: int, head: int) -> torch.Te
     return -torch.log(pat[:, q, q - 1].clamp_min(1e-9)).mean()
 
 
+def reinit_key(model, layer: int, head: int, seed: int) -> None:
+    """Restart one head's key weights at GPT-2's initial scale (normal, std 0.02; bias zero),
+    keeping every other weight: the head learns again which residual directions its key reads,
+    from whatever the model now offers (e.g. a supervised previous-token head)."""
+    attn = model.transformer.h[layer].attn.c_attn
+    d = model.config.n_embd
+    dh = d // model.config.n_head
+    cols = slice(d + head * dh, d + (head + 1) * dh)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        attn.weight[:, cols] = torch.randn(d, dh, generator=g) * 0.02
+        attn.bias[cols] = 0.0
+
+
 def restore_frozen(model) -> None:
     with torch.no_grad():
         for param, value, index in getattr(model, "_frozen", []):
@@ -256,7 +270,8 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
           sinusoidal: bool = True, d_mlp: int | None = None, command: str = "",
           plant: bool = False, freeze_plant: bool = False, init: Path | None = None,
           stop_at: int | None = None, supervise: tuple[int, int] | None = None,
-          supervise_weight: float = 1.0, abb_share: float = 0.5, snapshots: bool = False) -> dict:
+          supervise_weight: float = 1.0, abb_share: float = 0.5, snapshots: bool = False,
+          reinit: tuple[int, int] | None = None) -> dict:
     """Train up to `steps` steps (the learning rate drops to 30% after 85% of them), stopping early
     once IOI (each order, held-out pairs and unseen names) and induction pass 0.98 with a
     previous-token head above 0.8. `supervise` (layer, head): add `supervise_weight` times
@@ -298,6 +313,8 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
         sinusoidal_init(model)
     if plant:
         plant_previous_token_head(model)
+    if reinit is not None:
+        reinit_key(model, *reinit, seed=seed)
     if freeze_plant:
         freeze_query_key(model, layer=0, head=0)
         freeze_position_code(model)
@@ -316,6 +333,7 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
               "supervised_previous_token_head": f"L{supervise[0]}H{supervise[1]}" if supervise else None,
               "supervise_weight": supervise_weight if supervise else None,
               "ioi_abb_share": abb_share,
+              "reinitialised_key": f"L{reinit[0]}H{reinit[1]}" if reinit else None,
               "n_params": sum(p.numel() for p in model.parameters()),
               "n_trainable": sum(p.numel() for p in params)}
 
@@ -410,6 +428,8 @@ def main() -> None:
     ap.add_argument("--supervise-weight", type=float, default=1.0)
     ap.add_argument("--abb-share", type=float, default=0.5,
                     help="share of IOI training sentences that name the answer first")
+    ap.add_argument("--reinit-key", default=None, metavar="LxHy",
+                    help="restart this head's key weights before training (see reinit_key)")
     ap.add_argument("--snapshots", action="store_true",
                     help="also save the model at every evaluation, in OUT/snapshots/step-N")
     ap.add_argument("--no-sinusoidal", action="store_true",
@@ -417,20 +437,23 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     attn_only = tuple(int(x) for x in args.attn_only.split(",") if x.strip())
-    supervise = None
-    if args.supervise_previous_token:
+    def head(option: str, text: str | None) -> tuple[int, int] | None:
         import re
-        m = re.fullmatch(r"L(\d+)H(\d+)", args.supervise_previous_token)
+        if text is None:
+            return None
+        m = re.fullmatch(r"L(\d+)H(\d+)", text)
         if not m:
-            ap.error(f"--supervise-previous-token: expected a head like L0H2, got "
-                     f"{args.supervise_previous_token!r}")
-        supervise = (int(m.group(1)), int(m.group(2)))
+            ap.error(f"{option}: expected a head like L0H2, got {text!r}")
+        return int(m.group(1)), int(m.group(2))
+
+    supervise = head("--supervise-previous-token", args.supervise_previous_token)
+    reinit = head("--reinit-key", args.reinit_key)
     print(json.dumps(train(args.out, args.seed, args.steps, args.threads, args.batch, args.seq,
                            args.minutes, args.layers, args.heads, args.d_model, attn_only,
                            args.lr, args.eval_every, not args.no_sinusoidal, args.d_mlp,
                            shlex.join(sys.argv[1:]), args.plant_previous_token_head,
                            args.freeze_planted, args.init, args.stop_at, supervise,
-                           args.supervise_weight, args.abb_share, args.snapshots)))
+                           args.supervise_weight, args.abb_share, args.snapshots, reinit)))
 
 
 if __name__ == "__main__":
