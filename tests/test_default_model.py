@@ -327,6 +327,68 @@ def test_readme_ioi_tour_prints_a_circuit_with_the_card_ioi_heads(tmp_path, monk
     circuit = outputs[-1]
     for head in ioi_heads:
         assert re.search(rf"\b{head}\b", circuit), (head, circuit)
+    # the card's faithfulness of the tour's circuits is what `actwh evaluate` measures on them
+    db = [a for a in commands[0] if a.endswith(".duckdb")][0]
+    r = CliRunner().invoke(cli, ["evaluate", "1", "--sizes", "0.98", "--db", db])
+    assert r.exit_code == 0, r.output
+    assert_card_faithfulness(tmp_path / db, "ioi")
+
+
+def assert_card_faithfulness(db, section: str) -> None:
+    """The card's recovered share and mean faithfulness for `section` equal the latest
+    evaluation's rows in `db`, computed here."""
+    import duckdb
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        m = dict(con.sql("SELECT selection, avg(metric) FROM circuit_evals WHERE eval_id = "
+                         "(SELECT max(eval_id) FROM circuit_evals) GROUP BY selection").fetchall())
+        f = con.sql("SELECT avg(faithfulness) FROM circuit_evals WHERE eval_id = (SELECT "
+                    "max(eval_id) FROM circuit_evals) AND selection = 'influence:0.8/0.98'").fetchone()[0]
+    card = json.loads((WEIGHTS / "card.json").read_text())[section]["faithfulness"]
+    assert card["recovered"] == pytest.approx((m["influence:0.8/0.98"] - m["none"]) / (m["all"] - m["none"]), abs=1e-4)
+    assert card["faithfulness"] == pytest.approx(f, abs=1e-4)
+    stated = re.findall(r"\| \*\*(-?[\d.]+)\*\* \|", CARD.read_text())
+    assert f"{card['recovered']:.3f}" in stated
+
+
+def test_card_induction_faithfulness_is_what_evaluate_measures(tmp_path):
+    from click.testing import CliRunner
+
+    from actwh.cli.main import cli
+
+    db = str(tmp_path / "ind.duckdb")
+    for args in (["populate", str(PROMPTS / "induction.jsonl"), "--target", "logprob", "--edges",
+                  "--edges-baseline", "corrupt", "--edges-select", "dense"],
+                 ["evaluate", "1", "--sizes", "0.98"]):
+        r = CliRunner().invoke(cli, [*args, "--db", db])
+        assert r.exit_code == 0, r.output
+    assert_card_faithfulness(db, "induction")
+
+
+def readme_block(marker: str) -> str:
+    for block in re.findall(r"```(?:bash)?\n(.*?)```", README.read_text(), re.S):
+        if marker in block:
+            return block
+    raise AssertionError(f"no README block with {marker!r}")
+
+
+def test_readme_method_auc_table_is_the_one_the_card_measured():
+    """The README shows the table `actwh query method_auc` printed when the card ran the README's
+    method-comparison commands on the shipped model (the computation is tested in
+    test_evaluate)."""
+    from actwh import model_card
+
+    table = json.loads((WEIGHTS / "card.json").read_text())["methods"]["method_auc_table"]
+    assert table.strip() in README.read_text()
+    assert table.strip() in CARD.read_text()
+    scorings = re.findall(r"┆ (EAP[-\w]* [\w-]+)\s+┆", table)
+    assert sorted(scorings) == ["EAP influence", "EAP top-n", "EAP-IG top-n"]
+    f = json.loads((WEIGHTS / "card.json").read_text())["methods"]["influence_default"]
+    assert (f"{f['mean_edges']:.1f} of {f['graph_edges']:.0f} edges on average) recovers "
+            f"{f['recovered']:.2f} of the mean logit difference") in " ".join(README.read_text().split())
+    commands = model_card.readme_commands("actwh query method_auc")
+    assert ["query", "method_auc"] in commands
+    assert any("--ig-steps" in c and c[c.index("--ig-steps") + 1] == "5" for c in commands)
 
 
 def test_quickstart_populate_with_no_arguments(tmp_path, monkeypatch):
@@ -493,3 +555,26 @@ def test_abb_share_sets_the_share_of_answer_first_training_sentences():
             names = [w for w in doc if w in split.ioi_names]
             first.append(names[-4] == io)  # the first clause names A, B; then S, then the answer
         assert lo <= sum(first) / len(first) <= hi, (share, sum(first) / len(first))
+
+
+def test_reinit_key_restarts_only_that_heads_key():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from actwh.compute.default_model.train import reinit_key
+
+    torch.manual_seed(2)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_positions=8, n_embd=32, n_layer=3, n_head=4))
+    with torch.no_grad():  # a trained-looking start, far from GPT-2's initial scale
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(50)
+            block.attn.c_attn.bias.fill_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reinit_key(model, 2, 1, seed=0)
+    after = model.state_dict()
+    w, b = after["transformer.h.2.attn.c_attn.weight"], after["transformer.h.2.attn.c_attn.bias"]
+    key = torch.zeros(96, dtype=torch.bool)
+    key[32 + 8:32 + 16] = True  # layer 2, head 1's key columns: after the 32 query columns
+    assert w[:, key].std() < 0.03 and (b[key] == 0).all()
+    assert torch.equal(w[:, ~key], before["transformer.h.2.attn.c_attn.weight"][:, ~key])
+    assert torch.equal(b[~key], before["transformer.h.2.attn.c_attn.bias"][~key])
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if "h.2.attn.c_attn" not in k)

@@ -303,6 +303,15 @@ def test_default_model_influence_circuit_faithfulness(tmp_path):
     curve = Queries()["faithfulness_curve"](wh, eval=res.eval_id)
     print("default model, influence circuit (0.8/0.98), corrupt baseline:",
           curve.select("selection", "mean_edges", "faithfulness").rows())
+    # the model card reports this evaluation's figures: the share of the mean logit difference
+    # the circuits recover and the mean faithfulness, computed here from the rows
+    card = json.loads((WEIGHTS / "card.json").read_text())["methods"]["influence_default"]
+    every = wh.sql("SELECT selection, avg(metric) AS m, avg(faithfulness) AS f FROM circuit_evals "
+                   "WHERE eval_id = $e GROUP BY selection", e=res.eval_id)
+    m = dict(zip(every["selection"].to_list(), every["m"].to_list()))
+    recovered = (m["influence:0.8/0.98"] - m["none"]) / (m["all"] - m["none"])
+    assert card["recovered"] == pytest.approx(recovered, abs=1e-4)
+    assert card["faithfulness"] == pytest.approx(rows["faithfulness"].mean(), abs=1e-4)
     # Acceptance: EAP, EAP-IG (5 steps) and influence pruning in one warehouse, ranked by AUC
     populate(db, PopulateOptions(prompts=str(default_prompts("ioi")),
                                  edges=EdgeOptions(baseline="corrupt", ig_steps=5, select="dense")), progress=False)
