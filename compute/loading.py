@@ -594,6 +594,7 @@ def build_model(cfg: ModelConfig, c: dict, weights: Weights, device: torch.devic
         raise ModelLoadError(f"weights in {folder} lack {', '.join(lacking[:5])}")
     for name in missing:
         params[name].zero_()
+    model.mark_absent_biases(missing)
     for name in weights.unread():  # never converted, still checked for NaN (weights[name] does)
         weights[name]
     return model.eval()

@@ -28,6 +28,12 @@ from actwh.errors import PromptError, UnknownName
 HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 
 
+def plus_bias(module: nn.Module, t: torch.Tensor, name: str) -> torch.Tensor:
+    """t + module.<name>, skipped for a bias the checkpoint lacks (`absent_biases`: it is zero,
+    and adding zeros costs a pass over t, in the backward pass too)."""
+    return t if name in module.absent_biases else t + getattr(module, name)
+
+
 @dataclass(frozen=True)
 class Rope:
     """One layer type's rotary embedding, as transformers' modeling_rope_utils computes it.
@@ -227,6 +233,7 @@ class Attention(nn.Module):
         self.b_K = nn.Parameter(torch.zeros(kv, e))
         self.b_V = nn.Parameter(torch.zeros(kv, e))
         self.b_O = nn.Parameter(torch.zeros(d))
+        self.absent_biases: frozenset[str] = frozenset()  # see HookedTransformer.mark_absent_biases
         self.hook_q = HookPoint()  # [batch, pos, head, d_head] (before rotary)
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head] (before rotary)
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -240,9 +247,9 @@ class Attention(nn.Module):
 
     def forward(self, x, mask, cos, sin):
         cfg = self.cfg
-        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
-        k = self.hook_k(torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K)
-        v = self.hook_v(torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V)
+        q = self.hook_q(plus_bias(self, torch.einsum("bpd,hde->bphe", x, self.W_Q), "b_Q"))
+        k = self.hook_k(plus_bias(self, torch.einsum("bpd,hde->bphe", x, self.W_K), "b_K"))
+        v = self.hook_v(plus_bias(self, torch.einsum("bpd,hde->bphe", x, self.W_V), "b_V"))
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         elif cfg.qk_norm == "all":
@@ -253,11 +260,11 @@ class Attention(nn.Module):
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.attn_scalar or cfg.d_head)
         if cfg.attn_softcap:
             scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-        scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+        scores = self.hook_attn_scores(scores.masked_fill(mask, float("-inf")))  # mask: hidden keys
         wide = torch.promote_types(x.dtype, torch.float32)  # softmax never below float32
         pattern = self.hook_pattern(scores.to(wide).softmax(-1).to(x.dtype))
         z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))
-        return z.flatten(2) @ self.W_O.flatten(0, 1) + self.b_O  # [batch, pos, d_model]
+        return plus_bias(self, z.flatten(2) @ self.W_O.flatten(0, 1), "b_O")  # [batch, pos, d_model]
 
 
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
@@ -279,6 +286,7 @@ class MLP(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(n))
         self.W_out = nn.Parameter(torch.empty(n, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.absent_biases: frozenset[str] = frozenset()  # see HookedTransformer.mark_absent_biases
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp] (the gate's input in gated MLPs)
         self.hook_post = HookPoint()  # [batch, pos, d_mlp] (mixture of experts: routed, weighted)
         if self.gated:
@@ -318,14 +326,14 @@ class MLP(nn.Module):
         return self.hook_routing(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.hook_pre(x @ self.W_in + self.b_in)
+        pre = self.hook_pre(plus_bias(self, x @ self.W_in, "b_in"))
         if self.gated:
-            post = self.act(pre) * self.hook_pre_linear(x @ self.W_up + self.b_up)
+            post = self.act(pre) * self.hook_pre_linear(plus_bias(self, x @ self.W_up, "b_up"))
         else:
             post = self.act(pre)
         if self.cfg.n_experts:  # every expert runs on every token; unrouted ones are weighted 0
             post = post * self.route(x)[..., self.expert_of]
-        return self.hook_post(post) @ self.W_out + self.b_out  # [batch, pos, d_model]
+        return plus_bias(self, self.hook_post(post) @ self.W_out, "b_out")  # [batch, pos, d_model]
 
     def expert_writes(self, post: torch.Tensor) -> torch.Tensor:
         """Each expert's write (its routed, weighted output) from hook_post: the sum of its
@@ -424,6 +432,7 @@ class HookedTransformer(nn.Module):
         self.ln_final = Norm(cfg)
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        self.absent_biases: frozenset[str] = frozenset()
         if cfg.final_softcap:
             self.hook_logits_raw = HookPoint()  # [batch, pos, d_vocab] before the soft-cap
         self.index_hook_points()
@@ -440,6 +449,18 @@ class HookedTransformer(nn.Module):
                 m.b.fill_(0)
             elif isinstance(m, MLP) and m.cfg.n_experts:
                 m.expert_of.copy_(m.expert_map())
+
+    def mark_absent_biases(self, names: Iterable[str]) -> None:
+        """Record the biases (parameter names, e.g. `blocks.0.attn.b_Q`, `b_U`) a checkpoint lacks:
+        they stay zero and the forward pass skips adding them. The loader calls this; whoever
+        later writes a non-zero value into one must first take it out of its module's
+        `absent_biases`."""
+        for name in names:
+            path, _, attr = name.rpartition(".")
+            module = self.get_submodule(path)
+            if not hasattr(module, "absent_biases"):
+                continue  # norms' biases: LayerNorm families always have them
+            module.absent_biases = module.absent_biases | {attr}
 
     def index_hook_points(self) -> None:
         """Name every HookPoint by its module path (again after an SAE is spliced in)."""
@@ -491,15 +512,16 @@ class HookedTransformer(nn.Module):
         causal = idx[None, :] <= idx[:, None]  # [query, key]
         eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
         # Pad queries may see themselves, so no softmax row is all -inf; they are never read.
-        masks = {"full": (causal & real[:, None, None, :]) | eye}
+        # Each layer takes the keys it may not see (inverted once here, not once per layer).
+        masks = {"full": ~((causal & real[:, None, None, :]) | eye)}
         if cfg.sliding_window is not None:
             window = causal & (idx[:, None] - idx[None, :] < cfg.sliding_window)
-            masks["sliding"] = (window & real[:, None, None, :]) | eye
+            masks["sliding"] = ~((window & real[:, None, None, :]) | eye)
         for block in self.blocks:
             kind = "sliding" if block.attn.sliding else "full"
             cos, sin = rot.get(kind, (None, None))
             x = block(x, masks[kind], cos, sin)
-        logits = self.ln_final(x) @ self.W_U + self.b_U  # [batch, pos, d_vocab]
+        logits = plus_bias(self, self.ln_final(x) @ self.W_U, "b_U")  # [batch, pos, d_vocab]
         if cfg.final_softcap:
             cap = cfg.final_softcap
             logits = torch.tanh(self.hook_logits_raw(logits) / cap) * cap
