@@ -7,8 +7,10 @@ neurons, logit_diff target) and for a bare transformers forward + backward of th
   other metadata-only operators left out), counted with a TorchDispatchMode: on a GPU each
   is (at least) one kernel launch;
 - `host_syncs`: those of them that make a GPU step wait for the device (nonzero, item / bool /
-  int, unique, masked_select, repeat_interleave without output_size, copies to the CPU);
-- `seconds`: the step's wall time (medians, timed alternately with the bare step).
+  int, unique, masked_select, repeat_interleave without output_size) plus calls of .cpu(),
+  .tolist() and .numpy() (which dispatch nothing on a CPU-only machine);
+- `seconds`: the step's wall time (medians, timed alternately with the bare step; float32 only:
+  bfloat16 matmuls are emulated on this CPU).
 The same measurement runs in a child process on this tree and on `--before` (a commit, default
 the main of issue 18's start), so the before/after figures come from one run.
 
@@ -102,9 +104,7 @@ def child(folder: str, dtype_name: str, batch: int, seq: int, repeat: int) -> di
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.__name__.split(".")[0]
-            if name == "_to_copy" and str((kwargs or {}).get("device", "")) == "cpu":
-                self.syncs["to_cpu"] += 1
-            elif name == "repeat_interleave" and (kwargs or {}).get("output_size") is None \
+            if name == "repeat_interleave" and (kwargs or {}).get("output_size") is None \
                     and len(args) and isinstance(args[0], torch.Tensor) and len(args) == 1:
                 self.syncs[name] += 1
             elif name in SYNCS:
@@ -113,14 +113,34 @@ def child(folder: str, dtype_name: str, batch: int, seq: int, repeat: int) -> di
                 self.ops[name] += 1
             return func(*args, **(kwargs or {}))
 
+    # Copies to the host: on a CPU-only machine .cpu() / .tolist() / .numpy() dispatch nothing,
+    # so the calls themselves are counted.
+    host_calls = collections.Counter()
+    originals = {m: getattr(torch.Tensor, m) for m in ("cpu", "tolist", "numpy")}
+
+    def counted(m):
+        def call(self, *a, **k):
+            host_calls[m] += 1
+            return originals[m](self, *a, **k)
+        return call
+
     out = {"tree": os.path.dirname(os.path.dirname(actwh.__file__))}
     for label, fn in (("ours", ours), ("bare", bare)):
         fn()
-        with Count() as c:
-            fn()
-        out[label] = dict(ops=sum(c.ops.values()), host_syncs=sum(c.syncs.values()),
-                          syncs=dict(c.syncs))
-    out["ours"]["seconds"], out["bare"]["seconds"] = timeit_pair(ours, bare, repeat=repeat)
+        host_calls.clear()
+        for m in originals:
+            setattr(torch.Tensor, m, counted(m))
+        try:
+            with Count() as c:
+                fn()
+        finally:
+            for m, f in originals.items():
+                setattr(torch.Tensor, m, f)
+        syncs = dict(c.syncs) | dict(host_calls)
+        out[label] = dict(ops=sum(c.ops.values()), host_syncs=sum(syncs.values()), syncs=syncs)
+    # bfloat16 matmuls on this CPU are emulated (10x slower than float32): counts only
+    out["ours"]["seconds"], out["bare"]["seconds"] = timeit_pair(ours, bare, repeat=repeat) \
+        if dtype == torch.float32 else (None, None)
     return out
 
 
@@ -177,11 +197,12 @@ def main() -> None:
                  f"before_{args.before}_host_syncs", bf["ours"]["host_syncs"],
                  syncs=a["ours"]["syncs"], before_syncs=bf["ours"]["syncs"],
                  bare_forward_backward_syncs=a["bare"]["host_syncs"], **common)
-            emit("compute_step_seconds", a["ours"]["seconds"], "s/step",
-                 "hf_forward_backward_s", a["bare"]["seconds"],
-                 before_seconds=round(bf["ours"]["seconds"], 6),
-                 before_bare_seconds=round(bf["bare"]["seconds"], 6),
-                 before_ratio=round(bf["ours"]["seconds"] / bf["bare"]["seconds"], 3), **common)
+            if a["ours"]["seconds"] is not None:
+                emit("compute_step_seconds", a["ours"]["seconds"], "s/step",
+                     "hf_forward_backward_s", a["bare"]["seconds"],
+                     before_seconds=round(bf["ours"]["seconds"], 6),
+                     before_bare_seconds=round(bf["bare"]["seconds"], 6),
+                     before_ratio=round(bf["ours"]["seconds"] / bf["bare"]["seconds"], 3), **common)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ cd "$(dirname "$0")"
 PY="${PYTHON:-python}"
 "$PY" bench_compute.py
 "$PY" bench_peers.py
+"$PY" bench_compute_proxy.py
+"$PY" bench_model_load.py
 "$PY" bench_edges.py
 "$PY" bench_loading.py
 "$PY" bench_queries.py

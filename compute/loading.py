@@ -122,9 +122,9 @@ class Weights(Mapping):
 
     safetensors files are read by their header's offsets straight into a fresh tensor (no memory
     map kept, so what a loader holds is the tensors it still uses); each tensor goes to `device`
-    and is refused there if it holds NaN or infinite values. pytorch_model.bin files are memory
-    mapped by torch.load. `unread()` names the tensors never asked for, so a loader can still
-    check them."""
+    (float64 rounded to float32 first) and is refused there if it holds NaN or infinite values.
+    pytorch_model.bin files are memory mapped by torch.load. `unread()` names the tensors never
+    asked for, so a loader can still check them."""
 
     def __init__(self, files: list[Path], device: str | torch.device = "cpu", folder: Path | None = None):
         self.device = torch.device(device)
@@ -188,7 +188,7 @@ class Weights(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self.where[name]
         if len(entry) == 2:
-            t = entry[1].to(self.device)
+            t = entry[1]
         else:
             f, dtype, shape, start, end = entry
             buf = torch.empty(end - start, dtype=torch.uint8)
@@ -200,7 +200,9 @@ class Weights(Mapping):
                 if not got:
                     raise _damaged(f, f"tensor {name} ends past the end of the file")
                 done += got
-            t = buf.view(dtype).view(shape).to(self.device)
+            t = buf.view(dtype).view(shape)
+        # float64 is rounded to float32 here, as the old float32 model did (MPS has no float64)
+        t = (t.float() if t.dtype == torch.float64 else t).to(self.device)
         self.read.add(name)
         if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
             raise ModelLoadError(f"weights in {self.folder}: {name} holds NaN or infinite values")
@@ -558,8 +560,8 @@ def build_model(cfg: ModelConfig, c: dict, weights: Weights, device: torch.devic
 
     Values are those of building the model in float32, loading the checkpoint into it and
     casting to `dtype` (what actwh did before): every checkpoint dtype of at most 32 bits
-    converts to float32 exactly, so one cast from it is the same rounding; wider values are
-    rounded to float32 first."""
+    converts to float32 exactly, so one cast from it is the same rounding; float64 values are
+    rounded to float32 first (`Weights`)."""
     with torch.device("meta"):
         model = HookedTransformer(cfg)
     model.to(dtype=dtype).to_empty(device=device)
@@ -577,7 +579,7 @@ def build_model(cfg: ModelConfig, c: dict, weights: Weights, device: torch.devic
                 if t.shape != p.shape:
                     raise ModelLoadError(f"weights in {folder} do not match its config.json: {name} "
                                          f"has shape {list(t.shape)}, the config gives {list(p.shape)}")
-                p.copy_(t.float() if t.dtype == torch.float64 else t)
+                p.copy_(t)
                 loaded.add(name)
     except KeyError as e:
         raise ModelLoadError(f"weights in {folder} do not match its config.json: no tensor "
