@@ -207,6 +207,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     xr, xpass = x[..., :rd], x[..., rd:]
     x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
     rotated = torch.cat((-x2, x1), dim=-1)
+    if rd == x.shape[-1]:  # every dim rotated: no copy onto an empty remainder
+        return xr * cos + rotated * sin
     return torch.cat((xr * cos + rotated * sin, xpass), dim=-1)
 
 

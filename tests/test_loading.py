@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from actwh.compute.loading import config_from_hf, convert, load_model
 from actwh.compute.model import HookedTransformer
 from actwh.errors import ModelLoadError
-from conftest import FAMILIES, PROMPTS, padded_batch, save_tiny
+from conftest import PROMPTS, padded_batch, save_tiny
 
 TIED = {"gpt2", "qwen2", "llama3", "gemma2", "gemma3"}  # tie_word_embeddings in conftest's configs
 
