@@ -10,7 +10,7 @@ neurons, logit_diff target) and for a bare transformers forward + backward of th
   int, unique, masked_select, repeat_interleave without output_size) plus calls of .cpu(),
   .tolist() and .numpy() (which dispatch nothing on a CPU-only machine);
 - `seconds`: the step's wall time (medians, timed alternately with the bare step; float32 only:
-  bfloat16 matmuls are emulated on this CPU).
+  bfloat16 matmuls are emulated on this CPU, so bfloat16 gets counts only, on a 1 × 8 batch).
 The same measurement runs in a child process on this tree and on `--before` (a commit, default
 the main of issue 18's start), so the before/after figures come from one run.
 
@@ -161,9 +161,11 @@ def tree_at(rev: str, dest: Path) -> Path:
 
 
 def measure(pythonpath: Path, folder: Path, dtype: str, args) -> dict:
+    # bfloat16: counts only, on a short batch (they do not depend on the shape)
+    batch, seq = (args.batch, args.seq) if dtype == "float32" else (1, 8)
     code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"from bench_compute_proxy import child; "
-            f"print(json.dumps(child({str(folder)!r}, {dtype!r}, {args.batch}, {args.seq}, {args.repeat})))")
+            f"print(json.dumps(child({str(folder)!r}, {dtype!r}, {batch}, {seq}, {args.repeat})))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(pythonpath)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode:
@@ -187,7 +189,8 @@ def main() -> None:
                    "before": measure(before, folder, dtype, args)}
             assert Path(got["after"]["tree"]).resolve() == ROOT, got["after"]["tree"]
             assert Path(got["before"]["tree"]).resolve() == (root / f"before-{args.before}" / "pkg").resolve()
-            common = dict(model=family, batch=args.batch, seq=args.seq, dtype=dtype, target="logit_diff")
+            shape = (args.batch, args.seq) if dtype == "float32" else (1, 8)
+            common = dict(model=family, batch=shape[0], seq=shape[1], dtype=dtype, target="logit_diff")
             a, bf = got["after"], got["before"]
             emit("compute_step_ops", a["ours"]["ops"], "ops/step", f"before_{args.before}_ops",
                  bf["ours"]["ops"], bare_forward_backward_ops=a["bare"]["ops"],
