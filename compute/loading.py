@@ -204,7 +204,8 @@ class Weights(Mapping):
         # float64 is rounded to float32 here, as the old float32 model did (MPS has no float64)
         t = (t.float() if t.dtype == torch.float64 else t).to(self.device)
         self.read.add(name)
-        if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
+        wide = t if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t.float()  # float8
+        if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(wide))).all():
             raise ModelLoadError(f"weights in {self.folder}: {name} holds NaN or infinite values")
         return t
 
