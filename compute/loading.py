@@ -204,8 +204,7 @@ class Weights(Mapping):
         # float64 is rounded to float32 here, as the old float32 model did (MPS has no float64)
         t = (t.float() if t.dtype == torch.float64 else t).to(self.device)
         self.read.add(name)
-        wide = t if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t.float()  # float8
-        if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(wide))).all():
+        if t.is_floating_point() and t.numel() and not _finite(t):
             raise ModelLoadError(f"weights in {self.folder}: {name} holds NaN or infinite values")
         return t
 
@@ -225,6 +224,12 @@ class Weights(Mapping):
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in t: its min and max, one pass and no temporary (float8 through float32)."""
+    wide = t if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t.float()
+    return bool(torch.isfinite(torch.stack(torch.aminmax(wide))).all())
 
 
 def sha256_files(files: list[Path], stop: threading.Event | None = None) -> str:
