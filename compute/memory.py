@@ -119,13 +119,16 @@ def predict(cfg, batch: int, seq: int, dtype, *, corrupt: bool = False, ig_steps
     # over GPT-2- and Llama-shaped models, tests/test_memory.py): q, k, v (and their rotated or
     # expanded copies), the attention probabilities (float32 softmax output, plus its cast
     # below float32), the MLP's inputs to its activation (and gate · up), the norms' float32
-    # inputs; then the logits and, in the backward, two of a layer's score-sized gradients.
+    # inputs, einsum's copies of the q/k/v weights; then the logits and, in the backward, two
+    # of a layer's score-sized gradients.
     att = r * H * n * n
     qkv_keep = T * s * (H + 2 * kv) * dh * (2 if kv < H or cfg.rotary_dim else 1)
     mlp_keep = T * dm * s * (3 if cfg.gated_mlp else 1)
     norm_keep = (4 if cfg.norm == "layernorm" else 2 if s < f else 0) * T * d * f * cfg.pre_norm
     logits = T * cfg.d_vocab * s
-    layer_keep = qkv_keep + att * (f + (s if s < f else 0)) + mlp_keep + norm_keep
+    # einsum's contiguous copies of W_Q, W_K, W_V, kept for the backward of their products
+    weight_copies = d * (H + 2 * kv) * dh * s
+    layer_keep = qkv_keep + att * (f + (s if s < f else 0)) + mlp_keep + norm_keep + weight_copies
     # recomputed blocks keep one layer's share at a time, and the rerun's copies of the sites
     # whose gradients are taken (the originals stay the backward's inputs)
     fwd_bwd = (fwd_sites + grad_sites + logits
