@@ -246,9 +246,10 @@ def encode_all(loaded, prompts, target, prepend_bos: bool, need_corrupt: bool = 
 class Progress:
     """prompts done, tokens/s and ETA on a terminal; silent when stderr is not a TTY."""
 
-    def __init__(self, total: int, enabled: bool | None = None):
+    def __init__(self, total: int, enabled: bool | None = None, extra=None):
         self.total, self.done, self.tokens, self.start = total, 0, 0, time.monotonic()
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.extra = extra  # a function giving more to show (a Ray run: workers alive)
 
     def update(self, prompts: int, tokens: int) -> None:
         self.done += prompts
@@ -258,8 +259,9 @@ class Progress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.tokens / elapsed
         eta = (self.total - self.done) * elapsed / max(self.done, 1)
+        more = self.extra() if self.extra is not None else ""
         sys.stderr.write(f"\r{self.done}/{self.total} prompts  {rate:,.0f} tokens/s  "
-                         f"ETA {eta:,.0f}s ")
+                         f"ETA {eta:,.0f}s{more} ")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -520,7 +522,8 @@ class Pipeline:
 def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
              resume: int | None = None, progress: bool | None = None, on_wait=None,
              on_warning=None, commit_rows: int = 200_000, commit_seconds: float = 2.0,
-             hold_bytes: int = 256 << 20, pipelined: bool = True) -> PopulateResult:
+             hold_bytes: int = 256 << 20, pipelined: bool = True,
+             engine=None) -> PopulateResult:
     """Fill (or resume) one run. Every input is checked before the warehouse is written.
 
     A resume takes the run's stored options (giving `opts` too is refused) and refuses, naming
@@ -530,18 +533,30 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     file they are held (in memory up to `hold_bytes`, then in a staging folder beside the file).
     The next batch computes while the last one is selected, converted and written (on a writer
     thread; `pipelined=False` does each step in turn, with the same rows).
+
+    engine: a `ray_engine.RayEngine` runs the compute on a Ray cluster's actors (the driver
+    loads the model on its CPU to check and encode, and writes); None computes here.
     """
     warn = on_warning or log.warning
-    prep = prepare(db, opts, resume, warn)
+    if engine is not None:
+        from actwh import ray_engine
+
+        engine.validate()
+        ray_engine.require_ray()
+    prep = prepare(db, opts, resume, warn, device="cpu" if engine is not None else None)
     if isinstance(prep, PopulateResult):
         return prep
     opts, loaded = prep.opts, prep.loaded
+    if engine is not None:
+        ray_engine.connect(engine)  # an unreachable cluster is refused before the file is written
     writer = open_writer(db, on_wait=on_wait, commit_rows=commit_rows,
                          commit_seconds=commit_seconds, hold_bytes=hold_bytes)
-    run_id, done = start_run(writer, prep)
+    run_id, done = start_run(writer, prep, device=None if engine is None else
+                             engine.device(opts.device))
     chunks = batches_of(prep.encoded, done, prep.batch_size)
     n_pending = sum(len(c) for c in chunks)
-    bar = Progress(n_pending, progress)
+    bar = Progress(n_pending, progress,
+                   extra=None if engine is None else ray_engine.WorkersAlive())
     start, n_tokens = time.monotonic(), 0
     token_text: dict[int, str] = {}
     node_baseline = (attribution_baseline(loaded, prep.encoded, prep.scalars, opts)
@@ -549,6 +564,10 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     sums: dict = {}  # Σ attributions and Δmetric over the prompts of this call
     pipe = Pipeline(writer, run_id, threaded=pipelined)
     try:
+        if engine is not None and chunks:
+            n_tokens, sums = ray_engine.compute_on_ray(prep, engine, run_id, chunks,
+                                                       node_baseline, pipe, bar)
+            chunks = []
         for chunk in chunks:
             pipe.reserve()
             finish = compute_batch(loaded, chunk, prep.target, prep.needed, prep.scalars,
