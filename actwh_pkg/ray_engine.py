@@ -90,8 +90,21 @@ def connect(engine: RayEngine) -> None:
         except OSError as e:
             reason = e.strerror or str(e) or type(e).__name__
             raise ActwhError(f"--address {address}: no Ray cluster answers there ({reason})") from None
-    if ray.is_initialized():  # this process already joined a cluster (a notebook, a test)
-        return
+    if not ray.is_initialized():  # else this process already joined one (a notebook, a test)
+        _init(ray, address)
+    have = ray.cluster_resources()
+    for name, each, flag in (("CPU", engine.cpus_per_worker, "cpus per worker"),
+                             ("GPU", engine.gpus_per_worker, "--gpus-per-worker")):
+        need = each * engine.workers
+        if need > have.get(name, 0):
+            raise ActwhError(f"--workers {engine.workers} with {flag} {each:g} need {need:g} "
+                             f"{name}s; the Ray cluster has {have.get(name, 0):g}")
+
+
+def _init(ray, address) -> None:
+    # Ray's C++ core logs harmless notices (constructor arguments in the object store) to the
+    # driver's terminal; errors that matter reach Python as exceptions.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
                  include_dashboard=False if address is None else None)
@@ -242,8 +255,21 @@ def compute_on_ray(prep, engine: RayEngine, run_id: int, chunks, node_baseline, 
                         num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker or None,
                         batch_format="pyarrow", zero_copy_batch=True)
     written: set[int] = set()
-    n_tokens, sums = 0, {}
-    for out in _results(ds):
+    sums: dict = {}
+    results = _results(ds)
+    try:
+        _write_results(results, given, chunks, written, sums, pipe, bar)
+    finally:
+        results.close()  # an error or Ctrl-C here stops the pool now, not when collected
+    missing = sorted(set(given) - written)
+    if missing:
+        raise ActwhError(f"{len(missing)} batches did not come back from the Ray workers "
+                         f"(first: batch {missing[0]}); resume the run")
+    return sum(sum(len(e.ids) for e in chunks[no]) for no in written), sums
+
+
+def _write_results(results, given, chunks, written, sums, pipe, bar) -> None:
+    for out in results:
         for no, payload in zip(out.column("batch_no").to_pylist(), out.column("payload").to_pylist()):
             if no in written:  # a batch redone after its first result came back: once only
                 log.warning("batch %d came back twice; written once", no)
@@ -259,12 +285,5 @@ def compute_on_ray(prep, engine: RayEngine, run_id: int, chunks, node_baseline, 
             written.add(no)
             for k, v in got["sums"].items():
                 sums[k] = sums.get(k, 0.0) + v
-            n_tok = sum(len(e.ids) for e in chunks[no])
-            n_tokens += n_tok
-            bar.update(len(ids), n_tok)
+            bar.update(len(ids), sum(len(e.ids) for e in chunks[no]))
             del got, tables, payload
-    missing = sorted(set(given) - written)
-    if missing:
-        raise ActwhError(f"{len(missing)} batches did not come back from the Ray workers "
-                         f"(first: batch {missing[0]}); resume the run")
-    return n_tokens, sums

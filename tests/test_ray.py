@@ -146,7 +146,7 @@ def test_an_interrupted_ray_run_resumes_on_ray_to_a_clean_runs_rows(cluster, inp
 
 
 @pytest.mark.parametrize("case", ["missing file", "bad line", "unknown scalar", "unreachable",
-                                  "bad address", "workers"])
+                                  "bad address", "workers", "too many workers"])
 def test_bad_input_fails_before_any_worker_starts(cluster, tmp_path, gpt2_dir, case):
     prompts = write_prompts(tmp_path / "p.jsonl")
     args = ["populate", str(prompts), "--db", str(tmp_path / "wh.duckdb"), "--model", str(gpt2_dir),
@@ -155,7 +155,9 @@ def test_bad_input_fails_before_any_worker_starts(cluster, tmp_path, gpt2_dir, c
               "unknown scalar": "unknown scalar 'mlp_act_time_grad'",
               "unreachable": "--address 127.0.0.1:9: no Ray cluster answers there",
               "bad address": "--address 'nowhere': give auto or HOST:PORT",
-              "workers": "--workers must be a whole number >= 1, not 0"}[case]
+              "workers": "--workers must be a whole number >= 1, not 0",
+              "too many workers": "--workers 3 with cpus per worker 1 need 3 CPUs; the Ray cluster "
+                                  "has 2"}[case]
     if case == "missing file":
         args[1] = str(tmp_path / "no-such.jsonl")
     elif case == "bad line":
@@ -169,7 +171,7 @@ def test_bad_input_fails_before_any_worker_starts(cluster, tmp_path, gpt2_dir, c
     elif case == "bad address":
         args += ["--address", "nowhere"]
     else:
-        args[args.index("--workers") + 1] = "0"
+        args[args.index("--workers") + 1] = "0" if case == "workers" else "3"
     actors = compute_actors()
     started = time.monotonic()
     r = CliRunner().invoke(cli, args)
