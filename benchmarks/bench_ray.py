@@ -1,6 +1,6 @@
 """Populate on Ray vs here: throughput with 1 and 2 workers, and the driver's memory.
 
-    python benchmarks/bench_ray.py [--repeat 8] [--batch-size 8] [--memory-prompts 96,384]
+    python benchmarks/bench_ray.py [--repeat 8] [--batch-size 8] [--memory-prompts 96,768]
 
 Everything in one run, same prompts (the default model's IOI prompts, repeated), default
 scalars, one commit per batch (so each batch's `written_at` times it):
@@ -9,8 +9,9 @@ scalars, one commit per batch (so each batch's `written_at` times it):
 - `populate_ray_1_worker` / `populate_ray_2_workers`: `--engine ray` on a local cluster
   (`ray.init(num_cpus=2)`), wall time including the actors' start and model load, and the steady
   throughput from the first batch written to the last (ratio to the local pipelined run's);
-- `ray_driver_peak_rss`: the driver's peak RSS (a fresh process each) populating N and 4N
-  prompts on Ray; ratio 4N / N (flat: ~1).
+- `ray_driver_peak_rss`: the driver's peak RSS (a fresh process each) populating N and M
+  prompts on Ray with every neuron's act × grad kept (`--select dense`: ~23k rows a prompt, so
+  M prompts' rows are hundreds of MB of Arrow); ratio M / N (flat: ~1).
 Prints one JSON line per figure. Not a test: it measures.
 """
 
@@ -53,14 +54,16 @@ def steady_tokens_per_s(db: Path, run: int) -> float:
     return tokens * (n - 1) / n / span if span > 0 and n > 1 else float("nan")
 
 
+NODE_ROW_BYTES = 27  # run, prompt, position, node_index: int32; layer: int16; codes: int8; value: float32
 DRIVER = """
 import resource, sys, time
 from actwh.runner import PopulateOptions, populate
 from actwh.ray_engine import RayEngine
-r = populate(sys.argv[1], PopulateOptions(prompts=sys.argv[2], batch_size=int(sys.argv[3])),
+r = populate(sys.argv[1], PopulateOptions(prompts=sys.argv[2], batch_size=int(sys.argv[3]),
+                                          select="dense", scalars=("mlp_act_times_grad",)),
              progress=False, engine=RayEngine(workers=2))
 assert r.status == "complete"
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, r.rows["node_scalars"])
 """
 
 
@@ -68,7 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=8, help="copies of the 24 IOI prompts")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--memory-prompts", default="96,384", help="N,4N prompts for the memory figure")
+    ap.add_argument("--memory-prompts", default="96,768",
+                    help="N,M prompts for the memory figure (dense mlp_act_times_grad rows)")
     args = ap.parse_args()
     import ray
 
@@ -116,10 +120,12 @@ def main() -> None:
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode:
             raise SystemExit(out.stderr[-2000:])
-        rss[n] = int(out.stdout.strip().splitlines()[-1])
-    (a, ra), (b, rb) = sorted(rss.items())[0], sorted(rss.items())[-1]
+        peak, node_rows = map(int, out.stdout.strip().splitlines()[-1].split())
+        rss[n] = (peak, node_rows)
+    (a, (ra, na)), (b, (rb, nb)) = sorted(rss.items())[0], sorted(rss.items())[-1]
     emit("ray_driver_peak_rss", rb / 2**20, "MiB", f"{a}_prompts", ra / 2**20, model="default",
-         batch=args.batch_size, prompts=b, baseline_prompts=a)
+         batch=args.batch_size, prompts=b, baseline_prompts=a, node_rows=nb,
+         baseline_node_rows=na, node_rows_arrow_mib=round(nb * NODE_ROW_BYTES / 2**20))
 
 
 if __name__ == "__main__":
