@@ -156,6 +156,11 @@ class RayCompute:
             base = ({k: v.to(self.loaded.model.device) for k, v in base[0].items()}, base[1])
         self.node_baseline = base
         self.token_text: dict[int, str] = {}
+        self.committer = None
+        if spec.get("commit_to"):  # a lake or a Parquet folder: this worker commits its batches
+            from actwh.warehouse.shards import BatchCommitter
+
+            self.committer = BatchCommitter.from_spec(spec["commit_to"], self.run_id, wait_s=None)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -170,10 +175,28 @@ class RayCompute:
                                    self.selection, self.opts.detach_ln, self.run_id,
                                    self.token_text, self.opts.edges, self.node_baseline, sums)
             nos.append(no)
-            payloads.append(pickle.dumps({"tables": tables, "sums": sums, "pid": os.getpid()},
-                                         protocol=5))
+            got = {"sums": sums, "pid": os.getpid()}
+            if self.committer is None:  # the driver writes the DuckDB file
+                got["tables"] = tables
+            else:
+                got["rows"] = {t: tables[t].num_rows for t in tables}
+                got["prompt_ids"] = tables["prompts"].column("prompt_id").to_pylist()
+                got["committed"] = self._commit(tables)
+            payloads.append(pickle.dumps(got, protocol=5))
         return pa.table({"batch_no": pa.array(nos, pa.int64()),
                          "payload": pa.array(payloads, pa.large_binary())})
+
+
+    def _commit(self, tables) -> bool:
+        """Commit one batch (exactly once: a batch redone after a worker died may find itself
+        committed already, which the commit itself checks). False when it was already in."""
+        from actwh.warehouse.writer import BatchAlreadyCommitted
+
+        try:
+            self.committer.commit(tables)
+        except BatchAlreadyCommitted:
+            return False
+        return True
 
 
 class WorkersAlive:
@@ -228,9 +251,11 @@ def _results(ds):
             close()
 
 
-def compute_on_ray(prep, engine: RayEngine, run_id: int, chunks, node_baseline, pipe, bar):
+def compute_on_ray(prep, engine: RayEngine, run_id: int, chunks, node_baseline, pipe, bar,
+                   commit_to: str | None = None):
     """Run the batches' compute on the pool; hand each batch's tables to `pipe` (the driver's
-    writer thread) once. Returns (tokens, sums)."""
+    writer thread) once, or, given `commit_to` (a lake or Parquet folder spec), let the workers
+    commit them. Returns (tokens, sums)."""
     import ray
     import ray.data
 
@@ -242,7 +267,8 @@ def compute_on_ray(prep, engine: RayEngine, run_id: int, chunks, node_baseline, 
         logging.getLogger(name).setLevel(logging.ERROR)
     spec = {"options": prep.opts.to_json(), "run_id": run_id, "target": prep.target.name,
             "weights_sha256": prep.loaded.info.weights_sha256, "saes_sha256": prep.sae_shas,
-            "device": engine.device(prep.opts.device), "node_baseline": node_baseline}
+            "device": engine.device(prep.opts.device), "node_baseline": node_baseline,
+            "commit_to": commit_to}
     given = {i: [e.prompt_id for e in c] for i, c in enumerate(chunks)}
     items = [{"batch_no": i, "chunk": json.dumps([e.__dict__ for e in c])} for i, c in enumerate(chunks)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -251,7 +277,7 @@ def compute_on_ray(prep, engine: RayEngine, run_id: int, chunks, node_baseline, 
     # arguments in the object store, which restarted actors would need to find again.
     compute = type("RayCompute", (RayCompute,), {"SPEC": spec, "__module__": __name__})
     ds = ds.map_batches(compute, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=engine.workers),
+                        compute=ray.data.ActorPoolStrategy(size=min(engine.workers, len(chunks))),
                         num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker or None,
                         batch_format="pyarrow", zero_copy_batch=True)
     written: set[int] = set()
@@ -275,13 +301,18 @@ def _write_results(results, given, chunks, written, sums, pipe, bar) -> None:
                 log.warning("batch %d came back twice; written once", no)
                 continue
             got = pickle.loads(payload)
-            tables = got["tables"]
-            ids = tables["prompts"].column("prompt_id").to_pylist()
+            tables = got.get("tables")
+            ids = (tables["prompts"].column("prompt_id").to_pylist() if tables is not None
+                   else got["prompt_ids"])
             if sorted(ids) != sorted(given[no]):
                 raise ActwhError(f"batch {no} came back with prompts {ids}, not the "
                                  f"{given[no]} it was given")
-            pipe.reserve()
-            pipe.put(lambda tables=tables: tables)
+            if tables is not None:  # the driver writes it
+                pipe.reserve()
+                pipe.put(lambda tables=tables: tables)
+            else:  # the worker committed it (or found it committed by an earlier try)
+                for t in pipe.rows:  # written by this run either way
+                    pipe.rows[t] += got["rows"].get(t, 0)
             written.add(no)
             for k, v in got["sums"].items():
                 sums[k] = sums.get(k, 0.0) + v

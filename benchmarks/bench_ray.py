@@ -1,11 +1,12 @@
 """Populate on Ray vs here: throughput with 1 and 2 workers, and the driver's memory.
 
-    python benchmarks/bench_ray.py [--repeat 8] [--batch-size 8] [--memory-prompts 96,768]
+    python benchmarks/bench_ray.py [--repeat 8] [--batch-size 8] [--rounds 3] [--memory-prompts 96,768]
 
 Everything in one run, same prompts (the default model's IOI prompts, repeated), default
 scalars, one commit per batch (so each batch's `written_at` times it):
 - `populate_local_sequential` / `populate_local_pipelined`: populate here, each step in turn vs
-  the pipelined writer thread (ratio: pipelined / sequential wall time);
+  the pipelined writer thread, alternating for `--rounds` rounds, medians (ratio: pipelined /
+  sequential wall time);
 - `populate_ray_1_worker` / `populate_ray_2_workers`: `--engine ray` on a local cluster
   (`ray.init(num_cpus=2)`), wall time including the actors' start and model load, and the steady
   throughput from the first batch written to the last (ratio to the local pipelined run's);
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=8, help="copies of the 24 IOI prompts")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating local rounds (median)")
     ap.add_argument("--memory-prompts", default="96,768",
                     help="N,M prompts for the memory figure (dense mlp_act_times_grad rows)")
     args = ap.parse_args()
@@ -86,13 +89,17 @@ def main() -> None:
     n_prompts = 24 * args.repeat
     common = dict(model="default", batch=args.batch_size, prompts=n_prompts)
     times, steady = {}, {}
-    for name, kw in (("local_sequential", {"pipelined": False}), ("local_pipelined", {})):
-        db = tmp / f"{name}.duckdb"
-        t0 = time.perf_counter()
-        r = populate(db, opts, progress=False, commit_seconds=0, **kw)
-        times[name] = time.perf_counter() - t0
-        steady[name] = steady_tokens_per_s(db, r.run_id)
-        tokens = r.tokens
+    rounds: dict[str, list] = {"local_sequential": [], "local_pipelined": []}
+    for i in range(args.rounds):  # alternating, so that the machine's drift lands on both
+        for name, kw in (("local_sequential", {"pipelined": False}), ("local_pipelined", {})):
+            db = tmp / f"{name}-{i}.duckdb"
+            t0 = time.perf_counter()
+            r = populate(db, opts, progress=False, commit_seconds=0, **kw)
+            rounds[name].append((time.perf_counter() - t0, steady_tokens_per_s(db, r.run_id)))
+            tokens = r.tokens
+    for name, got in rounds.items():
+        times[name] = statistics.median(t for t, _ in got)
+        steady[name] = statistics.median(v for _, v in got)
     emit("populate_local_sequential", times["local_sequential"], "s", **common,
          tokens_per_s=round(tokens / times["local_sequential"]))
     emit("populate_local_pipelined", times["local_pipelined"], "s", "local_sequential",
