@@ -79,7 +79,7 @@ def test_two_workers_write_exactly_the_local_rows(cluster, inputs):
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_every_prompt_lands_once(cluster, tmp_path, gpt2_dir):
-    prompts = write_prompts(tmp_path / "p.jsonl", repeat=3)  # 18 prompts, one per batch
+    prompts = write_prompts(tmp_path / "p.jsonl", repeat=2)  # 12 prompts, one per batch
     opts = PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), batch_size=1,
                            scalars=("mlp_act_times_grad", "attn_act_times_grad"), edges=EdgeOptions())
     before = set(compute_actors())
@@ -106,7 +106,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_every_prompt_lands_once(cluster
         WarehouseWriter.queue_batch = real
     assert not errors and result and result[0].status == "complete", errors
     assert compute_actors().get(alive[0]) == "DEAD" or alive[0] not in compute_actors()
-    assert whole_batches(tmp_path / "ray.duckdb") == {"batches": 18, "prompts": 18,
+    assert whole_batches(tmp_path / "ray.duckdb") == {"batches": 12, "prompts": 12,
                                                       "status": [("complete",)]}
     clean = populate(tmp_path / "local.duckdb", opts, progress=False, pipelined=False)
     assert dump(tmp_path / "ray.duckdb", 1) == dump(tmp_path / "local.duckdb", clean.run_id)
