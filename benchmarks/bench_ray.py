@@ -12,7 +12,9 @@ scalars, one commit per batch (so each batch's `written_at` times it):
   throughput from the first batch written to the last (ratio to the local pipelined run's);
 - `ray_driver_peak_rss`: the driver's peak RSS (a fresh process each) populating N and M
   prompts on Ray with every neuron's act × grad kept (`--select dense`: ~23k rows a prompt, so
-  M prompts' rows are hundreds of MB of Arrow); ratio M / N (flat: ~1).
+  M prompts' rows are hundreds of MB of Arrow); ratio M / N (flat: ~1); and
+  `ray_driver_peak_anon_rss`, the peak of the driver's own (anonymous) pages, sampled every
+  50 ms, apart from the pages of Ray's shared object store it maps to read results.
 Prints one JSON line per figure. Not a test: it measures.
 """
 
@@ -58,31 +60,33 @@ def steady_tokens_per_s(db: Path, run: int) -> float:
 
 NODE_ROW_BYTES = 27  # run, prompt, position, node_index: int32; layer: int16; codes: int8; value: float32
 DRIVER = """
-import resource, sys, time
+import resource, sys, threading, time
 from actwh.runner import PopulateOptions, populate
 from actwh.ray_engine import RayEngine
+peak = {"RssAnon": 0, "RssShmem": 0, "RssFile": 0}
+def sample():
+    while True:
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            if key in peak:
+                peak[key] = max(peak[key], int(value.split()[0]) * 1024)
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
 r = populate(sys.argv[1], PopulateOptions(prompts=sys.argv[2], batch_size=int(sys.argv[3]),
                                           select="dense", scalars=("mlp_act_times_grad",)),
              progress=False, engine=RayEngine(workers=2))
 assert r.status == "complete"
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, r.rows["node_scalars"])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, r.rows["node_scalars"],
+      peak["RssAnon"], peak["RssShmem"])
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=8, help="copies of the 24 IOI prompts")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating local rounds (median)")
-    ap.add_argument("--memory-prompts", default="96,768",
-                    help="N,M prompts for the memory figure (dense mlp_act_times_grad rows)")
-    args = ap.parse_args()
+def throughput(args, tmp: Path) -> None:
     import ray
 
     from actwh.ray_engine import RayEngine
     from actwh.runner import PopulateOptions, populate
 
-    tmp = Path(tempfile.mkdtemp())
     path = prompts_file(tmp, args.repeat)
     opts = PopulateOptions(prompts=str(path), batch_size=args.batch_size)
     populate(tmp / "warm.duckdb", PopulateOptions(prompts=str(path), batch_size=64), progress=False)
@@ -119,6 +123,20 @@ def main() -> None:
              steady_ratio_to_local=round(steady[name] / steady["local_pipelined"], 3),
              local_steady_tokens_per_s=round(steady["local_pipelined"]))
     ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=8, help="copies of the 24 IOI prompts")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating local rounds (median)")
+    ap.add_argument("--only-memory", action="store_true")
+    ap.add_argument("--memory-prompts", default="96,768",
+                    help="N,M prompts for the memory figure (dense mlp_act_times_grad rows)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    if not args.only_memory:
+        throughput(args, tmp)
     rss = {}
     for n in map(int, args.memory_prompts.split(",")):
         p = prompts_file(tmp, max(1, n // 24))
@@ -127,12 +145,16 @@ def main() -> None:
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode:
             raise SystemExit(out.stderr[-2000:])
-        peak, node_rows = map(int, out.stdout.strip().splitlines()[-1].split())
-        rss[n] = (peak, node_rows)
-    (a, (ra, na)), (b, (rb, nb)) = sorted(rss.items())[0], sorted(rss.items())[-1]
+        rss[n] = tuple(map(int, out.stdout.strip().splitlines()[-1].split()))
+    (a, (ra, na, aa, sa)), (b, (rb, nb, ab, sb)) = sorted(rss.items())[0], sorted(rss.items())[-1]
     emit("ray_driver_peak_rss", rb / 2**20, "MiB", f"{a}_prompts", ra / 2**20, model="default",
          batch=args.batch_size, prompts=b, baseline_prompts=a, node_rows=nb,
          baseline_node_rows=na, node_rows_arrow_mib=round(nb * NODE_ROW_BYTES / 2**20))
+    # The driver's own memory (anonymous pages) apart from the pages of Ray's shared object
+    # store it has mapped to read results (RssShmem; the store's size bounds them).
+    emit("ray_driver_peak_anon_rss", ab / 2**20, "MiB", f"{a}_prompts", aa / 2**20,
+         model="default", batch=args.batch_size, prompts=b, baseline_prompts=a,
+         peak_shmem_mib=round(sb / 2**20), baseline_peak_shmem_mib=round(sa / 2**20))
 
 
 if __name__ == "__main__":
