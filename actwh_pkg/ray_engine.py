@@ -156,6 +156,12 @@ class RayCompute:
             base = ({k: v.to(self.loaded.model.device) for k, v in base[0].items()}, base[1])
         self.node_baseline = base
         self.token_text: dict[int, str] = {}
+        self.edge_memory = None
+        if opts.edges is not None and opts.edges.component:  # this worker's device's budget
+            from actwh.compute.memory import populate_plan
+
+            self.edge_memory = populate_plan(self.loaded.model, opts.max_memory, opts.batch_size,
+                                             spec["longest"], opts.edges)[0]
         self.committer = None
         if spec.get("commit_to"):  # a lake or a Parquet folder: this worker commits its batches
             from actwh.warehouse.shards import BatchCommitter
@@ -173,7 +179,8 @@ class RayCompute:
             sums: dict = {}
             tables = compute_batch(self.loaded, chunk, self.target, self.needed, self.scalars,
                                    self.selection, self.opts.detach_ln, self.run_id,
-                                   self.token_text, self.opts.edges, self.node_baseline, sums)
+                                   self.token_text, self.opts.edges, self.node_baseline, sums,
+                                   self.edge_memory)
             nos.append(no)
             got = {"sums": sums, "pid": os.getpid()}
             if self.committer is None:  # the driver writes the DuckDB file
@@ -268,7 +275,7 @@ def compute_on_ray(prep, engine: RayEngine, run_id: int, chunks, node_baseline, 
     spec = {"options": prep.opts.to_json(), "run_id": run_id, "target": prep.target.name,
             "weights_sha256": prep.loaded.info.weights_sha256, "saes_sha256": prep.sae_shas,
             "device": engine.device(prep.opts.device), "node_baseline": node_baseline,
-            "commit_to": commit_to}
+            "commit_to": commit_to, "longest": max(len(e.ids) for c in chunks for e in c)}
     given = {i: [e.prompt_id for e in c] for i, c in enumerate(chunks)}
     items = [{"batch_no": i, "chunk": json.dumps([e.__dict__ for e in c])} for i, c in enumerate(chunks)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
