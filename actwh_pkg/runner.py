@@ -532,7 +532,9 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     commit per `commit_rows` rows or `commit_seconds` seconds; while another process holds the
     file they are held (in memory up to `hold_bytes`, then in a staging folder beside the file).
     The next batch computes while the last one is selected, converted and written (on a writer
-    thread; `pipelined=False` does each step in turn, with the same rows).
+    thread; `pipelined=False` does each step in turn, with the same rows). With component edges,
+    whose memory plan counts one batch on the device, a batch is selected and converted before
+    the next computes, and only its write overlaps.
 
     engine: a `ray_engine.RayEngine` runs the compute on a Ray cluster's actors (the driver
     loads the model on its CPU to check and encode, and writes); None computes here.
@@ -573,6 +575,12 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
             finish = compute_batch(loaded, chunk, prep.target, prep.needed, prep.scalars,
                                    prep.selection, opts.detach_ln, run_id, token_text, opts.edges,
                                    node_baseline, sums, prep.edge_memory, deferred=True)
+            if prep.edge_memory is not None:
+                # The edges' memory plan counts one batch on the device: this batch's results
+                # leave it before the next computes (only the write overlaps).
+                tables = finish()
+                finish = lambda tables=tables: tables  # noqa: E731
+                del tables
             pipe.put(finish)
             del finish
             n_tok = sum(len(e.ids) for e in chunk)
