@@ -21,8 +21,8 @@ ray = pytest.importorskip("ray")
 
 from actwh.cli.main import cli  # noqa: E402
 from actwh.errors import ActwhError  # noqa: E402
-from actwh.ray_engine import RayEngine  # noqa: E402
-from actwh.runner import EdgeOptions, PopulateOptions, populate  # noqa: E402
+from actwh.ray_engine import RayEngine, WorkersAlive  # noqa: E402
+from actwh.runner import EdgeOptions, PopulateOptions, Progress, populate  # noqa: E402
 from actwh.warehouse.store import WarehouseWriter  # noqa: E402
 
 from conftest import IOI_ROWS, write_prompts  # noqa: E402
@@ -100,6 +100,9 @@ def test_a_worker_killed_mid_run_is_replaced_and_every_prompt_lands_once(cluster
         assert written.wait(timeout=300), errors
         alive = [pid for pid, st in compute_actors().items() if pid not in before and st == "ALIVE"]
         assert alive, compute_actors()
+        shown = WorkersAlive()()  # the driver's progress line (the 2nd actor may be starting)
+        now = [p for p, st in compute_actors().items() if p not in before and st == "ALIVE"]
+        assert shown in {f"  workers alive {n}" for n in range(len(alive), len(now) + 1)}, shown
         os.kill(alive[0], signal.SIGKILL)
         worker.join(timeout=300)
     finally:
@@ -195,3 +198,15 @@ def test_engine_flags_need_the_engine_and_ray_is_not_imported_without_it(tmp_pat
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
     with pytest.raises(ActwhError, match="--gpus-per-worker must be a number >= 0"):
         RayEngine(gpus_per_worker=-1).validate()
+
+
+def test_progress_shows_prompts_rate_eta_and_workers_on_a_terminal_only(capsys):
+    bar = Progress(4, enabled=True, extra=lambda: "  workers alive 2")
+    bar.update(1, 30)
+    line = capsys.readouterr().err
+    assert line.startswith("\r1/4 prompts  ") and " tokens/s  ETA " in line, line
+    assert line.rstrip().endswith("s  workers alive 2"), line
+    quiet = Progress(4)  # stderr is not a terminal here (piped)
+    quiet.update(1, 30)
+    quiet.close()
+    assert not quiet.enabled and capsys.readouterr().err == ""
