@@ -13,7 +13,8 @@ stays cheap and the CLI pays for torch only in commands that run a model):
 
 The root package holds only what bridges or serves the four subpackages (`compute`,
 `warehouse`, `queries`, `cli`): `errors`, `ontology` (node types, codes, labels), `runner`
-(populate), `rows` (compute results as warehouse rows) and this facade.
+(populate), `ray_engine` (populate's compute on a Ray cluster), `rows` (compute results as
+warehouse rows) and this facade.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _EXPORTS = {
     "populate": ("actwh.runner", "populate"),
     "PopulateOptions": ("actwh.runner", "PopulateOptions"),
     "EdgeOptions": ("actwh.runner", "EdgeOptions"),
+    "RayEngine": ("actwh.ray_engine", "RayEngine"),
     "Warehouse": ("actwh.warehouse", "Warehouse"),
     "q": ("actwh.queries", "q"),
     "find_circuit": ("actwh.queries.circuit", "find_circuit"),

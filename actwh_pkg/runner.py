@@ -246,9 +246,10 @@ def encode_all(loaded, prompts, target, prepend_bos: bool, need_corrupt: bool = 
 class Progress:
     """prompts done, tokens/s and ETA on a terminal; silent when stderr is not a TTY."""
 
-    def __init__(self, total: int, enabled: bool | None = None):
+    def __init__(self, total: int, enabled: bool | None = None, extra=None):
         self.total, self.done, self.tokens, self.start = total, 0, 0, time.monotonic()
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.extra = extra  # a function giving more to show (a Ray run: workers alive)
 
     def update(self, prompts: int, tokens: int) -> None:
         self.done += prompts
@@ -258,8 +259,9 @@ class Progress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.tokens / elapsed
         eta = (self.total - self.done) * elapsed / max(self.done, 1)
+        more = self.extra() if self.extra is not None else ""
         sys.stderr.write(f"\r{self.done}/{self.total} prompts  {rate:,.0f} tokens/s  "
-                         f"ETA {eta:,.0f}s ")
+                         f"ETA {eta:,.0f}s{more} ")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -267,31 +269,44 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
-             resume: int | None = None, progress: bool | None = None, on_wait=None,
-             on_warning=None, commit_rows: int = 200_000, commit_seconds: float = 2.0,
-             hold_bytes: int = 256 << 20) -> PopulateResult:
-    """Fill (or resume) one run. Every input is checked before the warehouse is written.
+@dataclass
+class Prepared:
+    """A run checked and ready to compute: everything `populate` knows before it writes."""
 
-    A resume takes the run's stored options (giving `opts` too is refused) and refuses, naming
-    what changed, when the prompt file, the weights or an autoencoder differ from what the run
-    started with; resuming a complete run changes nothing. Finished batches are grouped into one
-    commit per `commit_rows` rows or `commit_seconds` seconds; while another process holds the
-    file they are held (in memory up to `hold_bytes`, then in a staging folder beside the file).
-    """
+    opts: PopulateOptions  # with target, absolute paths filled in
+    resume: int | None
+    stored: dict | None
+    loaded: object
+    saes: list
+    sae_shas: list
+    target: object
+    selection: object
+    scalars: list
+    encoded: list
+    prompts_sha: str
+    attributing: bool
+    batch_size: int  # the options' batch size, or smaller where the memory plan says so
+    edge_memory: int | None  # the device budget the component edges are chunked to fit
+
+    @property
+    def needed(self):
+        return self.selection.scalars_needed(self.scalars)
+
+
+def prepare(db, opts: PopulateOptions | None, resume: int | None, warn, device=None):
+    """Check every input and load the model (on `device` if given, else the options' device);
+    a PopulateResult when the resumed run is already complete, else a Prepared run."""
     import hashlib
 
     import torch
 
     from actwh.compute.loading import load_model
     from actwh.compute.prompts import read_prompts
-    from actwh.compute.scalars import SCALARS, get_scalar
+    from actwh.compute.scalars import get_scalar
     from actwh.compute.selection import Selection
     from actwh.compute.targets import get_target
-    from actwh.ontology import NODE_TYPES
-    from actwh.warehouse.store import Warehouse, WarehouseWriter, check_writable
+    from actwh.warehouse.store import Warehouse, check_writable
 
-    warn = on_warning or log.warning
     stored = None
     if resume is not None:
         if opts is not None:
@@ -327,7 +342,7 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
                       prompts_sha)
     target = get_target(opts.target or default_target(prompts))
     dtype = getattr(torch, opts.dtype)
-    loaded = load_model(opts.model, device=opts.device, dtype=dtype)
+    loaded = load_model(opts.model, device=opts.device if device is None else device, dtype=dtype)
     if stored is not None and stored["weights_sha256"] != loaded.info.weights_sha256:
         raise changed(f"the weights in {loaded.info.source}", stored["weights_sha256"],
                       loaded.info.weights_sha256)
@@ -372,63 +387,218 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     opts = PopulateOptions(**{**opts.__dict__, "target": target.name, "model": model_arg,
                               "prompts": os.path.abspath(opts.prompts),
                               "saes": tuple((os.path.abspath(f), site) for f, site in opts.saes)})
-
     batch_size, edge_memory = opts.batch_size, None
     if opts.edges is not None and opts.edges.component:  # refused here, before anything is written
         from actwh.compute.memory import populate_plan
 
         edge_memory, batch_size = populate_plan(loaded.model, opts.max_memory, opts.batch_size,
                                                 max(len(e.ids) for e in encoded), opts.edges)
-    writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), wait_s=None, on_wait=on_wait,
-                             group_rows=commit_rows, group_seconds=commit_seconds,
-                             hold_bytes=hold_bytes)
-    if resume is None:
-        info = loaded.info
-        cfg = loaded.model.cfg
-        run_id = writer.start_run(
-            dict(name=info.name, source=info.source, weights_sha256=info.weights_sha256,
-                 arch=info.arch, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
-                 d_head=cfg.d_head, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
-                 config=info.config),
-            [dict(site=s.info.site, d_in=s.info.d_in, d_sae=s.info.d_sae, source=s.info.source,
-                  weights_sha256=s.info.weights_sha256, config={**s.info.config, "kind": s.info.kind})
-             for s in saes],
-            name=opts.name, target=target.name, scalars=",".join(scalars),
-            selection=str(selection), code_version=__version__,
-            device=str(loaded.model.device), dtype=opts.dtype, n_prompts=len(encoded),
-            options={**opts.to_json(), "inputs": {"prompts_sha256": prompts_sha,
-                                                  "weights_sha256": loaded.info.weights_sha256,
-                                                  "saes_sha256": sae_shas}})
-        done: set[int] = set()
-    else:
-        run_id = resume
-        done = writer.done_prompts(run_id)
+    return Prepared(opts=opts, resume=resume, stored=stored, loaded=loaded, saes=saes,
+                    sae_shas=sae_shas, target=target, selection=selection, scalars=scalars,
+                    encoded=encoded, prompts_sha=prompts_sha, attributing=attributing,
+                    batch_size=batch_size, edge_memory=edge_memory)
+
+
+def open_writer(db, *, on_wait=None, commit_rows: int = 200_000, commit_seconds: float = 2.0,
+                hold_bytes: int = 256 << 20):
+    """The writer of `db` (start_run, done_prompts, queue_batch, finish_run, discard, commits)."""
+    from actwh.compute.scalars import SCALARS
+    from actwh.ontology import NODE_TYPES
+    from actwh.warehouse.store import WarehouseWriter
+
+    return WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), wait_s=None, on_wait=on_wait,
+                           group_rows=commit_rows, group_seconds=commit_seconds,
+                           hold_bytes=hold_bytes)
+
+
+def start_run(writer, prep: Prepared, device: str | None = None) -> tuple[int, set[int]]:
+    """Create the run (or find a resumed run's written prompts): (run_id, prompt ids done)."""
+    if prep.resume is not None:
+        return prep.resume, writer.done_prompts(prep.resume)
+    info, cfg, opts = prep.loaded.info, prep.loaded.model.cfg, prep.opts
+    run_id = writer.start_run(
+        dict(name=info.name, source=info.source, weights_sha256=info.weights_sha256,
+             arch=info.arch, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
+             d_head=cfg.d_head, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
+             config=info.config),
+        [dict(site=s.info.site, d_in=s.info.d_in, d_sae=s.info.d_sae, source=s.info.source,
+              weights_sha256=s.info.weights_sha256, config={**s.info.config, "kind": s.info.kind})
+         for s in prep.saes],
+        name=opts.name, target=prep.target.name, scalars=",".join(prep.scalars),
+        selection=str(prep.selection), code_version=__version__,
+        device=device or str(prep.loaded.model.device), dtype=opts.dtype,
+        n_prompts=len(prep.encoded),
+        options={**opts.to_json(), "inputs": {"prompts_sha256": prep.prompts_sha,
+                                              "weights_sha256": info.weights_sha256,
+                                              "saes_sha256": prep.sae_shas}})
+    return run_id, set()
+
+
+def batches_of(encoded, done: set[int], batch_size: int) -> list[list[Encoded]]:
+    """The prompts not yet written, sorted by length, in batches."""
     pending = sorted((e for e in encoded if e.prompt_id not in done), key=lambda e: len(e.ids))
-    bar = Progress(len(pending), progress)
-    start, rows, n_tokens = time.monotonic(), {"node_scalars": 0, "pair_scalars": 0}, 0
+    return [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+
+
+class Pipeline:
+    """Finishes computed batches (selection, Arrow conversion) and queues them with the writer on
+    a thread of its own, so the next batch computes meanwhile. At most `slots` batches are in
+    flight between the start of their compute and their write (back-pressure: the compute waits,
+    and memory stays bounded). The writer is touched by this thread alone until `close`. An error
+    on the thread is raised, as it was, in the caller's thread at its next call. `threaded=False`
+    does the same work inline (the sequential populate)."""
+
+    def __init__(self, writer, run_id: int, *, threaded: bool = True, slots: int = 2,
+                 on_written=None):
+        import queue
+        import threading
+
+        self.writer, self.run_id, self.threaded = writer, run_id, threaded
+        self.rows = {"node_scalars": 0, "pair_scalars": 0}
+        self.on_written = on_written
+        self.error: BaseException | None = None
+        if threaded:
+            self._items: queue.Queue = queue.Queue()
+            self._slots = threading.Semaphore(slots)
+            self._thread = threading.Thread(target=self._work, name="actwh-writer", daemon=True)
+            self._thread.start()
+
+    def _write(self, finish) -> None:
+        tables = finish()
+        self.writer.queue_batch(self.run_id, tables)
+        for t in self.rows:
+            self.rows[t] += tables[t].num_rows
+        if self.on_written is not None:
+            self.on_written(tables)
+
+    def _work(self) -> None:
+        while True:
+            finish = self._items.get()
+            if finish is None:
+                return
+            if self.error is None:  # after an error, queued batches are dropped
+                try:
+                    self._write(finish)
+                except BaseException as e:  # noqa: BLE001 (raised in the caller's thread)
+                    self.error = e
+            del finish  # its tensors go before the slot is free
+            self._slots.release()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def reserve(self) -> None:
+        """Wait for a free slot before computing the next batch."""
+        if not self.threaded:
+            return
+        while not self._slots.acquire(timeout=0.1):
+            self.check()
+        self.check()
+
+    def put(self, finish) -> None:
+        """Hand over a computed batch: `finish()` returns its tables."""
+        if not self.threaded:
+            self._write(finish)
+            return
+        self.check()
+        self._items.put(finish)
+
+    def close(self, raise_error: bool = True) -> None:
+        """Finish and queue what was handed over (a commit is attempted for each, as due, and
+        never waits for a file held by another process); raise the thread's error if any."""
+        if self.threaded and self._thread.is_alive():
+            self._items.put(None)
+            self._thread.join()
+        if raise_error:
+            self.check()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing runs on the thread (the writer may be used again)."""
+        return not (self.threaded and self._thread.is_alive())
+
+
+def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
+             resume: int | None = None, progress: bool | None = None, on_wait=None,
+             on_warning=None, commit_rows: int = 200_000, commit_seconds: float = 2.0,
+             hold_bytes: int = 256 << 20, pipelined: bool = True,
+             engine=None) -> PopulateResult:
+    """Fill (or resume) one run. Every input is checked before the warehouse is written.
+
+    A resume takes the run's stored options (giving `opts` too is refused) and refuses, naming
+    what changed, when the prompt file, the weights or an autoencoder differ from what the run
+    started with; resuming a complete run changes nothing. Finished batches are grouped into one
+    commit per `commit_rows` rows or `commit_seconds` seconds; while another process holds the
+    file they are held (in memory up to `hold_bytes`, then in a staging folder beside the file).
+    The next batch computes while the last one is selected, converted and written (on a writer
+    thread; `pipelined=False` does each step in turn, with the same rows). With component edges,
+    whose memory plan counts one batch on the device, a batch is selected and converted before
+    the next computes, and only its write overlaps.
+
+    engine: a `ray_engine.RayEngine` runs the compute on a Ray cluster's actors (the driver
+    loads the model on its CPU to check and encode, and writes); None computes here.
+    """
+    warn = on_warning or log.warning
+    if engine is not None:
+        from actwh import ray_engine
+
+        engine.validate()
+        ray_engine.require_ray()
+    prep = prepare(db, opts, resume, warn, device="cpu" if engine is not None else None)
+    if isinstance(prep, PopulateResult):
+        return prep
+    opts, loaded = prep.opts, prep.loaded
+    if engine is not None:
+        ray_engine.connect(engine)  # an unreachable cluster is refused before the file is written
+    writer = open_writer(db, on_wait=on_wait, commit_rows=commit_rows,
+                         commit_seconds=commit_seconds, hold_bytes=hold_bytes)
+    run_id, done = start_run(writer, prep, device=None if engine is None else
+                             engine.device(opts.device))
+    chunks = batches_of(prep.encoded, done, prep.batch_size)
+    n_pending = sum(len(c) for c in chunks)
+    bar = Progress(n_pending, progress,
+                   extra=None if engine is None else ray_engine.WorkersAlive())
+    start, n_tokens = time.monotonic(), 0
     token_text: dict[int, str] = {}
-    needed = selection.scalars_needed(scalars)
-    node_baseline = attribution_baseline(loaded, encoded, scalars, opts) if attributing else None
+    node_baseline = (attribution_baseline(loaded, prep.encoded, prep.scalars, opts)
+                     if prep.attributing else None)
     sums: dict = {}  # Σ attributions and Δmetric over the prompts of this call
+    pipe = Pipeline(writer, run_id, threaded=pipelined)
     try:
-        for i in range(0, len(pending), batch_size):
-            chunk = pending[i:i + batch_size]
-            tables = compute_batch(loaded, chunk, target, needed, scalars, selection, opts.detach_ln,
-                                   run_id, token_text, opts.edges, node_baseline, sums, edge_memory)
-            writer.queue_batch(run_id, tables)
-            for t in rows:
-                rows[t] += tables[t].num_rows
+        if engine is not None and chunks:
+            n_tokens, sums = ray_engine.compute_on_ray(prep, engine, run_id, chunks,
+                                                       node_baseline, pipe, bar)
+            chunks = []
+        for chunk in chunks:
+            pipe.reserve()
+            finish = compute_batch(loaded, chunk, prep.target, prep.needed, prep.scalars,
+                                   prep.selection, opts.detach_ln, run_id, token_text, opts.edges,
+                                   node_baseline, sums, prep.edge_memory, deferred=True)
+            if prep.edge_memory is not None:
+                # The edges' memory plan counts one batch on the device: this batch's results
+                # leave it before the next computes (only the write overlaps).
+                tables = finish()
+                finish = lambda tables=tables: tables  # noqa: E731
+                del tables
+            pipe.put(finish)
+            del finish
             n_tok = sum(len(e.ids) for e in chunk)
             n_tokens += n_tok
             bar.update(len(chunk), n_tok)
+        pipe.close()
         bar.close()
         status = writer.finish_run(run_id)
     except BaseException:
-        writer.discard()  # committed batches stay; a resume recomputes the held ones
+        try:  # an interrupted run still writes what it computed, if the file is free now
+            pipe.close(raise_error=False)
+        finally:
+            if pipe.idle:
+                writer.discard()  # committed batches stay; a resume recomputes the held ones
         raise
-    return PopulateResult(run_id, status, len(encoded), len(pending), time.monotonic() - start,
-                          n_tokens, rows, commits=writer.commits,
-                          completeness={k: v / len(pending) for k, v in sums.items()})
+    return PopulateResult(run_id, status, len(prep.encoded), n_pending, time.monotonic() - start,
+                          n_tokens, pipe.rows, commits=writer.commits,
+                          completeness={k: v / n_pending for k, v in sums.items()})
 
 
 def attribution_baseline(loaded, encoded, scalars, opts) -> tuple:
@@ -452,10 +622,15 @@ def attribution_baseline(loaded, encoded, scalars, opts) -> tuple:
 def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selection, detach_ln,
                   run_id: int, token_text: dict[int, str],
                   edges: EdgeOptions | None = None, node_baseline=None,
-                  sums: dict | None = None, edge_memory: int | None = None) -> dict[str, pa.Table]:
+                  sums: dict | None = None, edge_memory: int | None = None,
+                  deferred: bool = False):
     """Compute one batch and shape it into the Arrow tables the warehouse appends.
     edge_memory: the device budget (bytes) the component edges are chunked to fit (when the plan
-    reruns blocks in the backward pass, the scalars' pass does too)."""
+    reruns blocks in the backward pass, the scalars' pass does too).
+
+    deferred: return a function that does the rest (selection, conversion to Arrow, `sums`,
+    `token_text`) and returns the tables, so that it can run on another thread while the next
+    batch computes."""
     from actwh import rows
     from actwh.compute.sae import spliced
     from actwh.compute.scalars import compute_scalars
@@ -481,28 +656,36 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
     else:
         res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln,
                               node_baseline=base, ig_steps=steps)
-    if sums is not None:
-        for k, v in res.completeness.items():
-            sums[k] = sums.get(k, 0.0) + float(v.sum())
     prompt_ids = np.array([e.prompt_id for e in chunk], dtype=np.int32)
     sae_layers = tuple(s.info.layer for s in spliced(loaded.model))
-    cols = rows.node_columns(select_nodes(res, scalars, selection, sae_layers), prompt_ids, res.mask)
-    for e in chunk:
-        for t in e.ids + ([e.target] if e.target is not None else []):
-            if t not in token_text:
-                token_text[t] = loaded.tokenizer.decode([t])
-    out = {"node_scalars": rows.arrow_table(cols.node, run_id, cols.scalar_names),
-           "pair_scalars": rows.arrow_table(cols.pair, run_id, cols.scalar_names),
-           "tokens": rows.token_table(run_id, chunk, token_text)}
     corrupt_metric = to_target = np.full(len(chunk), np.nan)
+    parts = None
     if edges is not None:
         parts, corrupt_metric, to_target = batch_edges(loaded, chunk, batch, target, edges, prompt_ids,
                                                        chunks)
-        out["edges"] = rows.arrow_table(rows.edge_columns(parts), run_id)
-    out["prompts"] = rows.prompt_table(run_id, chunk, res.metric.float().cpu().numpy(),
-                                       res.loss.float().cpu().numpy(), corrupt_metric, to_target,
-                                       token_text)
-    return out
+    tokenizer = loaded.tokenizer
+
+    def finish() -> dict[str, pa.Table]:
+        if sums is not None:
+            for k, v in res.completeness.items():
+                sums[k] = sums.get(k, 0.0) + float(v.sum())
+        cols = rows.node_columns(select_nodes(res, scalars, selection, sae_layers), prompt_ids,
+                                 res.mask)
+        for e in chunk:
+            for t in e.ids + ([e.target] if e.target is not None else []):
+                if t not in token_text:
+                    token_text[t] = tokenizer.decode([t])
+        out = {"node_scalars": rows.arrow_table(cols.node, run_id, cols.scalar_names),
+               "pair_scalars": rows.arrow_table(cols.pair, run_id, cols.scalar_names),
+               "tokens": rows.token_table(run_id, chunk, token_text)}
+        if parts is not None:
+            out["edges"] = rows.arrow_table(rows.edge_columns(parts), run_id)
+        out["prompts"] = rows.prompt_table(run_id, chunk, res.metric.float().cpu().numpy(),
+                                           res.loss.float().cpu().numpy(), corrupt_metric,
+                                           to_target, token_text)
+        return out
+
+    return finish if deferred else finish()
 
 
 def batch_edges(loaded, chunk: list[Encoded], batch, target, edges: EdgeOptions, prompt_ids,

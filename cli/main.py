@@ -158,11 +158,20 @@ PARAM_HELP = ("Bind $K to V (repeatable); never pasted into the SQL. V binds as 
 @click.option("--baseline", "node_baseline", type=click.Choice(["zero", "corrupt", "mean"]),
               default="zero", show_default=True,
               help="Baseline of the *_attribution scalars (--ig-steps integrates to it too).")
+@click.option("--engine", type=click.Choice(["ray"]), default=None,
+              help="Run the compute on a Ray cluster (pip install 'actwh[ray]'); default: here.")
+@click.option("--address", default=None, metavar="auto|HOST:PORT",
+              help="The Ray cluster to join (default: start a local one).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Ray actors computing at once (each loads the model once).")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
+              help="GPUs each Ray actor holds (0: compute on the CPU).")
 @click.pass_context
 def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select, batch_size, device,
              dtype, name, prepend_bos, detach_ln, resume, edges, edges_baseline, ig_steps,
              edges_select, edges_positions, edges_into, max_memory, sae_dirs, sae_sites,
-             commit_seconds, top, node_baseline) -> None:
+             commit_seconds, top, node_baseline, engine, address, workers,
+             gpus_per_worker) -> None:
     """Run the model over PROMPTS (.txt or .jsonl) and load scalars into the warehouse.
 
     A populate never gives up on a file someone else holds open: it keeps computing, holds the
@@ -176,8 +185,19 @@ def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select,
 
     from click.core import ParameterSource
 
-    given = [p for p in ctx.command.params if p.name not in ("db", "top")
+    ray_flags = ("address", "workers", "gpus_per_worker")
+    given = [p for p in ctx.command.params if p.name not in ("db", "top", "engine", *ray_flags)
              and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    loose = [p.opts[0] for p in ctx.command.params if p.name in ray_flags
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if loose and engine is None:
+        raise click.UsageError(f"{', '.join(loose)} applies to --engine ray")
+    ray_engine = None
+    if engine == "ray":
+        from actwh.ray_engine import RayEngine
+
+        ray_engine = RayEngine(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+        ray_engine.validate()
     opts = None
     if resume is not None:
         others = [p.opts[0] if isinstance(p, click.Option) else p.human_readable_name
@@ -221,7 +241,7 @@ def populate(ctx, prompts, db, model_path, scalars, all_scalars, target, select,
         raise click.BadParameter("must be >= 0", param_hint="--commit-seconds")
     result = run(db, opts, resume=resume, on_wait=lambda msg: click.echo(msg, err=True),
                  on_warning=lambda msg: click.echo(f"Warning: {msg}", err=True),
-                 commit_seconds=commit_seconds)
+                 commit_seconds=commit_seconds, engine=ray_engine)
     if result.already_complete:
         click.echo(f"run {result.run_id} is already complete ({result.n_prompts} prompts); "
                    "nothing to do", err=True)
