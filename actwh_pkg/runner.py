@@ -568,7 +568,7 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     try:
         if engine is not None and chunks:
             n_tokens, sums = ray_engine.compute_on_ray(prep, engine, run_id, chunks,
-                                                       node_baseline, pipe, bar)
+                                                       node_baseline, pipe, bar, _shards(db))
             chunks = []
         for chunk in chunks:
             pipe.reserve()
@@ -599,6 +599,17 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     return PopulateResult(run_id, status, len(prep.encoded), n_pending, time.monotonic() - start,
                           n_tokens, pipe.rows, commits=writer.commits,
                           completeness={k: v / n_pending for k, v in sums.items()})
+
+
+def _shards(db) -> str | None:
+    """A lake or Parquet folder spec, absolute (each Ray worker commits its own batches there);
+    None for a DuckDB file (the driver is its one writer) or where the storages are not there."""
+    try:
+        from actwh.warehouse.spec import parse_spec
+    except ImportError:  # a warehouse package without the lake and folder storages
+        return None
+    spec = parse_spec(db)
+    return None if spec.kind == "file" else f"{spec.kind}:{spec.path.resolve()}"
 
 
 def attribution_baseline(loaded, encoded, scalars, opts) -> tuple:

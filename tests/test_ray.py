@@ -66,10 +66,33 @@ def inputs(tmp_path_factory, gpt2_dir):
     return tmp, opts, local
 
 
-def test_two_workers_write_exactly_the_local_rows(cluster, inputs):
+def stored(db, run: int) -> dict:
+    """`dump` through the reader that reads a DuckDB file, a lake and a Parquet folder alike."""
+    from actwh.warehouse import Warehouse
+
+    from test_pipeline import TABLES, _plain
+
+    with Warehouse(db) as wh:
+        out = {t: [tuple(map(_plain, r)) for r in wh.sql(
+            f"SELECT * EXCLUDE (run_id) FROM {t} WHERE run_id = $r ORDER BY ALL", r=run).rows()]
+            for t in TABLES}
+        out["batches"] = [tuple(r) for r in wh.sql(
+            "SELECT n_prompts, n_node_rows, n_pair_rows, n_edge_rows FROM batches WHERE run_id = $r "
+            "ORDER BY ALL", r=run).rows()]
+    return out
+
+
+@pytest.mark.parametrize("storage", ["file", "lake", "parquet"])
+def test_two_workers_write_exactly_the_local_rows(cluster, inputs, storage):
+    """Into a DuckDB file the driver writes; into a lake or a Parquet folder each worker commits
+    its own batches."""
+    if storage != "file":
+        pytest.importorskip("actwh.warehouse.spec", reason="the lake and folder storages")
     tmp, opts, local = inputs
-    got = populate(tmp / "ray.duckdb", opts, progress=False, engine=RayEngine(workers=2))
-    a, b = dump(tmp / "local.duckdb", local.run_id), dump(tmp / "ray.duckdb", got.run_id)
+    db = {"file": str(tmp / "ray.duckdb"), "lake": f"lake:{tmp / 'lake'}",
+          "parquet": f"parquet:{tmp / 'shards'}"}[storage]
+    got = populate(db, opts, progress=False, engine=RayEngine(workers=2))
+    a, b = dump(tmp / "local.duckdb", local.run_id), stored(db, got.run_id)
     assert len(a["prompts"]) == 8 and len(a["batches"]) == 4
     assert all(a[t] for t in a), {t: len(a[t]) for t in a}  # every kind of row is there
     assert a == b
