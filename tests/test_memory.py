@@ -138,12 +138,20 @@ def write_prompts(path, n=4):
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.3])
-def test_populate_under_max_memory_stores_the_one_pass_edges(models, tmp_path, fraction):
+def test_populate_under_max_memory_stores_the_one_pass_edges(models, tmp_path, fraction, monkeypatch):
     """A budget below the one-pass peak: the run's torch allocations (weights included) stay
-    under it and it stores the edges a run without a budget stores."""
+    under it and it stores the edges a run without a budget stores; the tighter budget also
+    makes the batches smaller (the plan for the longest prompt needs fewer prompts per pass)."""
     from dataclasses import replace
 
     import numpy as np
+
+    import actwh.runner as runner
+
+    sizes = []
+    compute_batch = runner.compute_batch
+    monkeypatch.setattr(runner, "compute_batch", lambda loaded, chunk, *a, **k: (
+        sizes.append(len(chunk)), compute_batch(loaded, chunk, *a, **k))[1])
 
     from actwh.compute.memory import fmt, in_use
     from actwh.runner import EdgeOptions, PopulateOptions, populate
@@ -154,11 +162,13 @@ def test_populate_under_max_memory_stores_the_one_pass_edges(models, tmp_path, f
                            target="logit_diff", batch_size=4, select="top-k:3:mlp_act_times_grad",
                            edges=EdgeOptions(select="dense"))
     whole_peak, _ = measured_peak(lambda: populate(tmp_path / "a.duckdb", opts, progress=False))
+    assert sizes == [4]
     weights = in_use(load_model(models["gpt2"], device="cpu").model)
     budget = weights + int(fraction * (whole_peak - weights))
     peak, _ = measured_peak(lambda: populate(tmp_path / "b.duckdb", replace(opts, max_memory=fmt(budget).replace(" ", "")),
                                              progress=False))
     assert peak <= budget < whole_peak
+    assert sizes[1:] == ([4] if fraction > 0.5 else [2, 2])
     q = ("SELECT prompt_id, up_layer, up_type::VARCHAR AS ut, up_index, down_layer, down_type::VARCHAR AS dt, "
          "down_index, coalesce(down_input::VARCHAR, '') AS di, value FROM edges "
          "ORDER BY prompt_id, up_layer, ut, up_index, down_layer, dt, down_index, di")
