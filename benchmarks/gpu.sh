@@ -38,6 +38,8 @@ done
 if ! "$PY" -c 'import transformers as T, sys; sys.exit(tuple(map(int, T.__version__.split(".")[:2])) < (5, 23))' 2>/dev/null; then
   unpack "$WORK/deps" .whl/transformers-*.whl .whl/tokenizers-*.whl .whl/huggingface_hub-*.whl .whl/safetensors-*.whl
 fi
+# the peers' wheels (transformer-lens, nnsight and their dependencies), if carried in .whl/peers/
+ls .whl/peers/*.whl > /dev/null 2>&1 && unpack "$WORK/deps" .whl/peers/*.whl
 export PYTHONPATH="$WORK/site:$WORK/deps:$ROOT/tests:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 "$PY" -c 'import json, torch, transformers, actwh; print(json.dumps({"name": "setup", "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.cuda.is_available(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))' | tee -a "$JSONL"
