@@ -75,13 +75,14 @@ def test_a_batch_committed_twice_is_refused_in_the_commit(tmp_path):
     from actwh.warehouse.store import BatchAlreadyCommitted, WarehouseWriter
 
     db = tmp_path / "w.duckdb"
-    writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS))
+    writer = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), group_seconds=3600)
     assert writer.append_batch(1, _batch(1, [5, 3, 9])) == 3
     with pytest.raises(BatchAlreadyCommitted, match="batch 3 of run 1 is already committed"):
         writer.append_batch(1, _batch(1, [3, 4]))  # the same batch id: refused
     assert writer.append_batch(2, _batch(2, [3])) == 3  # another run: its own batch 3
     writer.queue_batch(1, _batch(1, [0, 1]))
-    writer.queue_batch(1, _batch(1, [0]))
+    writer.queue_batch(1, _batch(1, [0]))  # held: both go in one commit, which is refused
+    assert writer.held == 2
     with pytest.raises(BatchAlreadyCommitted, match="batch 0 of run 1"):
         writer.flush()
     writer.discard()
@@ -93,3 +94,183 @@ def test_a_batch_committed_twice_is_refused_in_the_commit(tmp_path):
     con.close()
     with pytest.raises(WarehouseError, match="at least one prompts row"):
         writer.append_batch(1, {"prompts": _batch(1, [])["prompts"]})
+
+
+# -- three storages: a DuckDB file, a lake, a Parquet folder -----------------------------------
+
+STORES = ("file", "lake", "parquet")
+TABLE_KEYS = {  # every table a populate writes, its columns in a fixed order, the volatile left out
+    "models": "* EXCLUDE (config), config::VARCHAR",
+    "runs": "* EXCLUDE (created_at, finished_at, options), options::VARCHAR, finished_at IS NULL",
+    "prompts": "*", "tokens": "*", "edges": "* EXCLUDE (up_type, down_type, down_input), "
+    "up_type::VARCHAR, down_type::VARCHAR, down_input::VARCHAR",
+    "node_scalars": "* EXCLUDE (node_type, scalar), node_type::VARCHAR, scalar::VARCHAR",
+    "pair_scalars": "* EXCLUDE (scalar), scalar::VARCHAR",
+    "batches": "* EXCLUDE (written_at)",
+}
+
+
+VOLATILE = ("created_at", "finished_at", "written_at")
+
+
+def spec_of(kind, root):
+    return {"file": str(root / "wh.duckdb"), "lake": f"lake:{root / 'lake'}",
+            "parquet": f"parquet:{root / 'shards'}"}[kind]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, gpt2_dir):
+    """One populate (3 batches, edges, both padding-relevant lengths) into each storage."""
+    from actwh.runner import EdgeOptions, PopulateOptions, populate
+
+    root = tmp_path_factory.mktemp("stores")
+    prompts = write_prompts(root / "p.jsonl")
+    opts = PopulateOptions(prompts=str(prompts), model=str(gpt2_dir), batch_size=2,
+                           edges=EdgeOptions(select="top-k:12"),
+                           scalars=("mlp_act_times_grad", "attn_act_times_grad", "attn_pattern"))
+    results = {k: populate(spec_of(k, root), opts, progress=False) for k in STORES}
+    return root, opts, results
+
+
+def plain_rows(kind, root, table):
+    """A table's rows read without actwh's reader: DuckDB on the file, DuckDB attaching the
+    lake's catalog, pyarrow on every Parquet file of the folder (a clean run leaves no orphan)."""
+    import pyarrow.parquet as pq
+
+    from actwh.warehouse.spec import lake_extension
+
+    con = duckdb.connect()
+    if kind == "file":
+        con.execute(f"ATTACH '{root / 'wh.duckdb'}' AS w (READ_ONLY)")
+        src = f"w.{table}"
+    elif kind == "lake":
+        con.execute(f"LOAD '{lake_extension()}'")
+        con.execute(f"ATTACH 'ducklake:{root / 'lake' / 'catalog.ducklake'}' AS w (READ_ONLY)")
+        src = f"w.{table}"
+    else:
+        folder = root / "shards" / ("data/" + table if table not in ("runs", "models") else table)
+        con.register("t", pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]))
+        src = "t"
+    rows = con.execute(f"SELECT {TABLE_KEYS[table]} FROM {src} ORDER BY ALL").fetchall()
+    con.close()
+    return rows
+
+
+def test_three_storages_hold_the_same_rows(stores):
+    root, _, results = stores
+    assert {k: (r.status, r.n_written) for k, r in results.items()} == {
+        k: ("complete", 6) for k in STORES}
+    for table in TABLE_KEYS:
+        rows = {k: plain_rows(k, root, table) for k in STORES}
+        assert rows["file"], table
+        assert rows["lake"] == rows["file"], table
+        assert rows["parquet"] == rows["file"], table
+    # batch ids: each batch's smallest prompt id (lengths sort the 6 prompts into 3 batches)
+    batches = plain_rows("file", root, "batches")
+    prompts = plain_rows("file", root, "prompts")
+    assert sum(b[2] for b in batches) == len(prompts) == 6 and len(batches) == 3
+    assert {b[1] for b in batches} <= {p[1] for p in prompts}
+
+
+def test_readers_see_the_same_tables_views_queries_and_circuits(stores):
+    """Every saved query (parameters filled for run 1, prompt 0), the views, and circuits by
+    each method return the same frames from the three storages."""
+    from actwh.queries.circuit import find_circuit
+    from actwh.queries.loader import Queries
+    from actwh.warehouse import Warehouse
+
+    root, _, _ = stores
+    whs = {k: Warehouse(spec_of(k, root)) for k in STORES}
+    fill = dict(run=1, prompt=0, layer=1, head=2, node_type="attn_head", node_index=1,
+                scalar="attn_act_times_grad", scalars=["attn_act_times_grad"], run_a=1, run_b=1)
+    compared = 0
+    for q in Queries():
+        args = {p: fill[p] for p, d in q.params if p in fill}
+        if any(p not in args and d is inspect_empty() for p, d in q.params):
+            continue
+        out = {}
+        for k, wh in whs.items():
+            try:
+                df = q(wh, **args)
+                out[k] = df.drop([c for c in VOLATILE if c in df.columns]).sort(
+                    [c for c in df.columns if c not in VOLATILE])
+            except WarehouseError as e:
+                out[k] = str(e).replace(str(wh.path), "WH")
+        for k in ("lake", "parquet"):
+            same = out[k] == out["file"] if isinstance(out[k], str) else out[k].equals(out["file"])
+            assert same, (q.name, k, out[k], out["file"])
+        compared += not isinstance(out["file"], str) and out["file"].height > 0
+    assert compared >= 12
+    for view in ("nodes", "pairs", "edges_labeled"):
+        frames = [whs[k].sql(f"SELECT * FROM {view}") for k in STORES]
+        frames = [f.sort(f.columns) for f in frames]
+        assert frames[0].height and frames[1].equals(frames[0]) and frames[2].equals(frames[0]), view
+    for method, kw in (("influence", {}), ("top-n", {"n": 5}), ("threshold", {"value": 0.05})):
+        found = [find_circuit(whs[k], 1, 3, method, **kw) for k in STORES]
+        edges = [c.edges.sort(c.edges.columns) for c in found]
+        assert edges[0].height > 0, method
+        assert edges[1].equals(edges[0]) and edges[2].equals(edges[0]), method
+        assert found[1].to_dot() == found[0].to_dot() == found[2].to_dot()
+
+
+def inspect_empty():
+    import inspect
+
+    return inspect.Parameter.empty
+
+
+def test_readers_of_a_lake_and_a_folder_cannot_write(stores):
+    """The reader's connection reads registered Arrow, never a file: COPY TO, even into the
+    lake's own data folder, and reading other files are refused; nothing appears."""
+    from actwh.warehouse import Warehouse
+
+    root, _, _ = stores
+    for kind, target in (("lake", root / "lake" / "data" / "x.parquet"),
+                         ("parquet", root / "shards" / "data" / "prompts" / "x.parquet")):
+        wh = Warehouse(spec_of(kind, root))
+        for attack in (f"COPY (SELECT 1 AS a) TO '{target}'", "SELECT * FROM read_csv('/etc/hostname')",
+                       "SELECT * FROM read_parquet('" + str(target.parent) + "/*.parquet')"):
+            with pytest.raises(WarehouseError, match="refused|disabled"):
+                wh.sql(attack)
+        assert not target.exists()
+
+
+def test_ingest_twice_equals_once_and_equals_the_file(stores, tmp_path):
+    from actwh.warehouse.ingest import ingest
+
+    root, _, _ = stores
+    for kind in ("lake", "parquet"):
+        db = tmp_path / f"{kind}.duckdb"
+        first = ingest(spec_of(kind, root), db, NODE_TYPES)
+        assert first["prompts"] == 6 and first["runs"] == 1 and first["node_scalars"] > 0
+        again = ingest(spec_of(kind, root), db, NODE_TYPES)
+        assert set(again.values()) == {0}, again
+        for table in TABLE_KEYS:
+            con = duckdb.connect(str(db), read_only=True)
+            got = con.execute(f"SELECT {TABLE_KEYS[table]} FROM {table} ORDER BY ALL").fetchall()
+            con.close()
+            assert got == plain_rows("file", root, table), (kind, table)
+            if table == "runs":  # the run row is the source's own, not a copy's
+                assert got == plain_rows(kind, root, table)
+
+
+def test_a_failed_ingest_writes_nothing_and_a_clashing_run_is_refused(stores, tmp_path, monkeypatch):
+    import actwh.warehouse.ingest as ingest_mod
+
+    root, _, _ = stores
+    db = tmp_path / "i.duckdb"
+    monkeypatch.setitem(ingest_mod.COPY_SQL, "edges", "INSERT INTO edges SELECT * FROM no_such_table")
+    with pytest.raises(WarehouseError, match="nothing was ingested from lake:"):
+        ingest_mod.ingest(spec_of("lake", root), db, NODE_TYPES)
+    con = duckdb.connect(str(db), read_only=True)
+    assert [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("runs", "models", "prompts", "node_scalars", "batches")] == [0] * 5
+    con.close()
+    monkeypatch.undo()
+    # the DuckDB file's own run 1 is another run than the lake's run 1 (made later)
+    other = tmp_path / "other.duckdb"
+    import shutil
+
+    shutil.copy(root / "wh.duckdb", other)
+    with pytest.raises(WarehouseError, match="run_id 1 of lake:.* is another run than run_id 1"):
+        ingest_mod.ingest(spec_of("lake", root), other, NODE_TYPES)

@@ -50,6 +50,13 @@ def _ddl(template: str, **names: str) -> str:
     return template.format(**names)
 
 
+def _ident(name: str) -> str:
+    """A schema object's name (never a user value), checked before it is formatted into SQL."""
+    if not _IDENT.match(name):
+        raise WarehouseError(f"not an identifier: {name!r}")
+    return name
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 

@@ -16,6 +16,7 @@ import duckdb
 from actwh.errors import WarehouseError
 from actwh.warehouse.connection import (check_params, check_version, connect, interruptible,
                                         one_line)
+from actwh.warehouse.migrate import ENUM_VALUES_SQL
 
 EXPORT_SQL = {
     "runs": "SELECT * FROM runs WHERE run_id = $run",
@@ -31,16 +32,31 @@ EXPORT_SQL = {
 class Warehouse:
     """Read access: `Warehouse(path).sql(query, **params) -> polars.DataFrame`."""
 
-    def __init__(self, path: str | os.PathLike, wait_s: float = 10.0):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise WarehouseError(f"no warehouse at {self.path}")
-        if not self.path.is_file():
-            raise WarehouseError(f"{self.path} is not a warehouse file")
+    def __init__(self, path, wait_s: float = 10.0):
+        """`path`: a DuckDB file, `lake:PATH` or `parquet:DIR` (see `actwh.warehouse.spec`);
+        all three show the same tables and views."""
+        from actwh.warehouse.spec import parse_spec
+
+        self.spec = parse_spec(path)
+        self.path = self.spec.path if self.spec.kind == "file" else self.spec
+        if self.spec.kind == "file":
+            if not self.path.exists():
+                raise WarehouseError(f"no warehouse at {self.path}")
+            if not self.path.is_file():
+                raise WarehouseError(f"{self.path} is not a warehouse file")
+        elif not self.spec.exists():
+            raise WarehouseError(f"no warehouse at {self.spec}")
         self.wait_s = wait_s
         self._con: duckdb.DuckDBPyConnection | None = None
         with self.connection() as con:
             check_version(con, self.path)
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        if self.spec.kind == "file":
+            return connect(self.path, read_only=True, wait_s=self.wait_s)
+        from actwh.warehouse.sources import reader_connection
+
+        return reader_connection(self.spec, self.wait_s)
 
     @contextmanager
     def connection(self):
@@ -48,7 +64,7 @@ class Warehouse:
         if self._con is not None:
             yield self._con
             return
-        con = connect(self.path, read_only=True, wait_s=self.wait_s)
+        con = self._connect()
         try:
             yield con
         finally:
@@ -80,7 +96,7 @@ class Warehouse:
         """A lazy DuckDB relation; holds a read-only connection until `close()`."""
         check_params(query, params)
         if self._con is None:
-            self._con = connect(self.path, read_only=True, wait_s=self.wait_s)
+            self._con = self._connect()
         try:
             return self._con.sql(query, params=params or None)
         except duckdb.Error as e:

@@ -91,7 +91,14 @@ class WarehouseWriter:
     def __init__(self, path: str | os.PathLike, node_types, scalars, wait_s: float | None = 60.0,
                  on_wait=None, checkpoint_every: int = 8, group_rows: int = 200_000,
                  group_seconds: float = 2.0, hold_bytes: int = 256 << 20):
-        self.path = check_writable(path)
+        from actwh.warehouse.spec import parse_spec
+
+        spec = parse_spec(path)
+        if spec.kind != "file":
+            raise WarehouseError(f"--db {spec}: this writes a DuckDB file; a lake or a Parquet "
+                                 "folder is written by populate only (copy it into a file with "
+                                 "actwh ingest)")
+        self.path = check_writable(spec.path)
         self.wait_s, self.on_wait = wait_s, on_wait
         self.checkpoint_every = checkpoint_every
         self.group_rows, self.group_seconds, self.hold_bytes = group_rows, group_seconds, hold_bytes
