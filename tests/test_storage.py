@@ -274,3 +274,128 @@ def test_a_failed_ingest_writes_nothing_and_a_clashing_run_is_refused(stores, tm
     shutil.copy(root / "wh.duckdb", other)
     with pytest.raises(WarehouseError, match="run_id 1 of lake:.* is another run than run_id 1"):
         ingest_mod.ingest(spec_of("lake", root), other, NODE_TYPES)
+
+
+# -- exactly once on a lake and a folder; workers commit from a spec string ---------------------
+
+COMMIT_ONE = """
+import sys, pyarrow as pa
+from actwh.warehouse.shards import BatchCommitter
+from actwh.warehouse.writer import BatchAlreadyCommitted
+c = BatchCommitter.from_spec(sys.argv[1], 1, wait_s=60)
+tables = {{"prompts": pa.table({{"run_id": pa.array([1, 1], pa.int32()),
+                                "prompt_id": pa.array([{p}, {p} + 1], pa.int32()),
+                                "text": ["x", "y"], "n_tokens": pa.array([1, 1], pa.int32())}})}}
+try:
+    print("committed", c.commit(tables))
+except BatchAlreadyCommitted as e:
+    print("refused", e.batch_id)
+"""
+
+
+@pytest.mark.parametrize("kind", ["lake", "parquet"])
+def test_a_batch_is_committed_once_by_racing_workers(stores, tmp_path, kind):
+    """Three processes, given only the spec string and the run id, commit the same new batch
+    (prompts 100, 101) at once: one commits it, the others are refused, the batch is in once;
+    then a batch the populate committed is refused too, and a refused commit leaves no file."""
+    import shutil
+
+    root, _, _ = stores
+    src = root / ("lake" if kind == "lake" else "shards")
+    where = tmp_path / src.name
+    shutil.copytree(src, where)  # a copied lake reads and writes its own data folder
+    spec = f"{kind}:{where}"
+    files_before = sorted(p.name for p in where.rglob("*") if p.is_file())
+    procs = [subprocess.Popen([sys.executable, "-c", COMMIT_ONE.format(p=100), spec],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outs == ["committed 100", "refused 100", "refused 100"], outs
+    from actwh.warehouse import Warehouse
+
+    wh = Warehouse(spec)
+    assert wh.sql("SELECT prompt_id, count(*) AS n FROM prompts WHERE prompt_id >= 100 "
+                  "GROUP BY ALL ORDER BY 1").rows() == [(100, 1), (101, 1)]
+    assert wh.sql("SELECT count(*) AS n FROM batches WHERE batch_id = 100")["n"][0] == 1
+    first = wh.sql("SELECT min(batch_id) AS b FROM batches WHERE run_id = 1")["b"][0]
+    files_mid = sorted(p.name for p in where.rglob("*") if p.is_file())
+    out = subprocess.run([sys.executable, "-c", COMMIT_ONE.format(p=first), spec],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == f"refused {first}"
+    if kind == "parquet":  # the refused commits' data files are gone again
+        assert sorted(p.name for p in where.rglob("*") if p.is_file()) == files_mid
+        assert len(files_mid) == len(files_before) + 3  # prompts, batches, manifest entry
+
+
+def test_bad_specs_fail_in_one_line_before_anything_is_written(tmp_path, gpt2_dir):
+    from click.testing import CliRunner
+
+    from actwh.cli.main import cli
+
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    cases = [
+        (["populate", str(prompts), "--db", "s3:bucket/x"], "unknown storage 's3:'"),
+        (["populate", str(prompts), "--db", "lake:"], "no path after lake:"),
+        (["populate", str(prompts), "--db", f"parquet:{tmp_path / 'a_file'}"], "is a file, not a folder"),
+        (["populate", str(prompts), "--db", f"parquet:{tmp_path / 'foreign'}"],
+         "is not empty and holds no actwh Parquet folder"),
+        (["populate", str(prompts), "--db", f"lake:{tmp_path / 'no' / 'lake'}"], "no folder"),
+        (["populate", str(prompts), "--db", f"parquet:{tmp_path / 'x'}", "--scalars", "nope"],
+         "nope"),
+        (["sql", "SELECT 1", "--db", f"parquet:{tmp_path / 'none'}"], "no warehouse at parquet:"),
+        (["ingest", f"lake:{tmp_path / 'none'}", "--db", str(tmp_path / "i.duckdb")],
+         "no warehouse at lake:"),
+        (["ingest", str(tmp_path / "a_file"), "--db", str(tmp_path / "i.duckdb")],
+         "not a DuckDB file"),
+        (["ingest", f"lake:{tmp_path / 'none'}", "--db", f"parquet:{tmp_path / 'y'}"],
+         "ingest writes a DuckDB file"),
+        (["runs", "--delete", "1", "--db", f"parquet:{tmp_path / 'foreign'}"], "no warehouse at"),
+    ]
+    for args, message in cases:
+        r = CliRunner().invoke(cli, [*args, "--model", str(gpt2_dir)] if args[0] == "populate" else args)
+        assert r.exit_code == 1, (args, r.output)
+        assert r.output.startswith("Error: ") and r.output.count("\n") == 1, (args, r.output)
+        assert message in r.output, (args, r.output)
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before, args
+
+
+def test_writing_commands_refuse_a_lake_or_folder(stores):
+    """runs --delete (and every other command that writes a DuckDB file) names ingest."""
+    from click.testing import CliRunner
+
+    from actwh.cli.main import cli
+
+    root, _, _ = stores
+    r = CliRunner().invoke(cli, ["runs", "--delete", "1", "--db", spec_of("parquet", root)])
+    assert r.exit_code == 1 and "actwh ingest" in r.output and r.output.count("\n") == 1, r.output
+
+
+@pytest.mark.parametrize("kind", ["lake", "parquet"])
+def test_a_killed_run_resumes_into_a_lake_or_folder(stores, tmp_path, monkeypatch, kind):
+    """A populate stopped after its first batch resumes (`resume=RUN_ID`) with exactly the
+    missing prompts: the rows equal the uninterrupted run's."""
+    import actwh.runner as runner_mod
+    from actwh.runner import populate
+
+    root, opts, _ = stores
+    spec = spec_of(kind, tmp_path)
+    real, calls = runner_mod.compute_batch, []
+
+    def compute(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner_mod, "compute_batch", compute)
+    with pytest.raises(KeyboardInterrupt):
+        populate(spec, opts, progress=False)
+    monkeypatch.undo()
+    result = populate(spec, resume=1, progress=False)
+    assert (result.status, result.n_written) == ("complete", 4)
+    for table in ("prompts", "node_scalars", "pair_scalars", "edges", "batches"):
+        assert plain_rows(kind, tmp_path, table) == plain_rows("file", root, table), table

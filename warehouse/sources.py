@@ -53,9 +53,11 @@ def attached(con, spec: Spec, read_only: bool, wait_s: float | None = 10.0, on_w
     out); detached after, so the catalog is held only as long as the block runs."""
     deadline = None if wait_s is None else time.monotonic() + wait_s
     delay, told = 0.02, False
-    # ATTACH binds no parameters: the paths go in as escaped string literals.
-    options = ("READ_ONLY" if read_only else
-               f"DATA_PATH {_quote(str(spec.data.resolve()) + '/')}, DATA_INLINING_ROW_LIMIT 0")
+    # ATTACH binds no parameters: the paths go in as escaped string literals. The catalog
+    # stores its data folder's absolute path: given again (and overriding it), a lake folder
+    # that was moved or copied reads and writes its own data.
+    options = (f"DATA_PATH {_quote(str(spec.data.resolve()) + '/')}, OVERRIDE_DATA_PATH TRUE, "
+               + ("READ_ONLY" if read_only else "DATA_INLINING_ROW_LIMIT 0"))
     while True:
         try:
             con.execute(f"ATTACH {_quote('ducklake:' + str(spec.catalog.resolve()))} AS lake "
