@@ -201,6 +201,13 @@ def test_readers_see_the_same_tables_views_queries_and_circuits(stores):
             assert same, (q.name, k, out[k], out["file"])
         compared += not isinstance(out["file"], str) and out["file"].height > 0
     assert compared >= 12
+    for table in (*TABLE_KEYS, "saes", "actwh_meta", "circuits"):  # same names, same types
+        described = [whs[k].sql(f"DESCRIBE {table}").select("column_name", "column_type")
+                     .rows() for k in STORES]
+        assert described[1] == described[0] and described[2] == described[0], table
+    ordered = [whs[k].sql("SELECT DISTINCT node_type FROM node_scalars ORDER BY node_type")
+               ["node_type"].cast(str).to_list() for k in STORES]  # ENUM order, not alphabetical
+    assert ordered[0] == [t for t in NODE_TYPES if t in ordered[0]] == ordered[1] == ordered[2]
     for view in ("nodes", "pairs", "edges_labeled"):
         frames = [whs[k].sql(f"SELECT * FROM {view}") for k in STORES]
         frames = [f.sort(f.columns) for f in frames]
