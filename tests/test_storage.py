@@ -67,6 +67,14 @@ def _batch(run_id, prompt_ids):
                                  "n_tokens": pa.array([1] * len(prompt_ids), pa.int32())})}
 
 
+def BatchCommitter_for_folder(tmp_path):
+    from actwh.compute.scalars import SCALARS
+    from actwh.warehouse.shards import BatchCommitter, FolderWriter
+
+    FolderWriter(f"parquet:{tmp_path / 'f'}", NODE_TYPES, tuple(SCALARS))
+    return BatchCommitter.from_spec(f"parquet:{tmp_path / 'f'}", 1)
+
+
 def test_a_batch_committed_twice_is_refused_in_the_commit(tmp_path):
     """The batch id is the batch's smallest prompt id; a second commit of it is refused inside
     the transaction (not by a lookup beforehand), whether the file already holds it or the same
@@ -92,8 +100,10 @@ def test_a_batch_committed_twice_is_refused_in_the_commit(tmp_path):
     assert con.execute("SELECT run_id, prompt_id FROM prompts ORDER BY ALL").fetchall() == [
         (1, 3), (1, 5), (1, 9), (2, 3)]
     con.close()
+    extra = {"prompts": _batch(1, [])["prompts"]}  # rows for prompts already written
+    assert [writer.append_batch(1, extra), writer.append_batch(1, extra)] == [-1, -2]
     with pytest.raises(WarehouseError, match="at least one prompts row"):
-        writer.append_batch(1, {"prompts": _batch(1, [])["prompts"]})
+        BatchCommitter_for_folder(tmp_path).commit({"prompts": _batch(1, [])["prompts"]})
 
 
 # -- three storages: a DuckDB file, a lake, a Parquet folder -----------------------------------

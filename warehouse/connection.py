@@ -40,6 +40,7 @@ READER_CONFIG = {"enable_external_access": False}
 CORRUPT_MARKS = ("not a valid DuckDB", "Corrupt database file", "Could not read enough bytes",
                  "checksum")
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+_TYPE = re.compile(r"^[A-Z][A-Z ]*$")
 
 
 def _ddl(template: str, **names: str) -> str:
@@ -48,6 +49,20 @@ def _ddl(template: str, **names: str) -> str:
         if not _IDENT.match(n):
             raise WarehouseError(f"not an identifier: {n!r}")
     return template.format(**names)
+
+
+def _compose(template: str, **pieces: str) -> str:
+    """A statement assembled from pieces this package built out of checked identifiers
+    (`_ident`, `_ddl`) and the schema's own column types: never from a user's value."""
+    return template.format(**pieces)
+
+
+def _type(kind: str) -> str:
+    """A column type as schema.sql writes it (`INTEGER`, `TIMESTAMP WITHOUT TIME ZONE`, an
+    ENUM's name), checked before it is formatted into SQL."""
+    if not (_TYPE.match(kind) or _IDENT.match(kind)):
+        raise WarehouseError(f"not a column type: {kind!r}")
+    return kind
 
 
 def _ident(name: str) -> str:

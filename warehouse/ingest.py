@@ -19,22 +19,42 @@ from actwh.warehouse.connection import one_line, transaction
 from actwh.warehouse.spec import parse_spec
 from actwh.warehouse.writer import WarehouseWriter
 
-# (table, key columns, columns that must agree for the same key to be the same thing)
-IDENTITY = (("models", "model_id", ("weights_sha256", "source")),
-            ("saes", "sae_id", ("weights_sha256", "site", "model_id")),
-            ("runs", "run_id", ("created_at", "model_id", "options")))
+# (table, key): a source row is the file's row of the same key when the CLASH_SQL columns agree
+IDENTITY = (("models", "model_id"), ("saes", "sae_id"), ("runs", "run_id"))
 PROMPT_TABLES = ("prompts", "tokens", "node_scalars", "pair_scalars", "edges")
-CLASH_SQL = {t: (f"SELECT s.{k} FROM src_{t} s JOIN {t} f USING ({k}) WHERE "
-                 + " OR ".join(f"s.{c}::VARCHAR IS DISTINCT FROM f.{c}::VARCHAR" for c in same)
-                 + " ORDER BY 1 LIMIT 1") for t, k, same in IDENTITY}
-NEW_ROWS_SQL = {t: f"INSERT INTO {t} SELECT * FROM src_{t} WHERE {k} NOT IN (SELECT {k} FROM {t})"
-                for t, k, _ in IDENTITY}
+CLASH_SQL = {  # the first id the source and the file hold for different things
+    "models": "SELECT s.model_id FROM src_models s JOIN models f USING (model_id) WHERE "
+              "s.weights_sha256 IS DISTINCT FROM f.weights_sha256 OR s.source IS DISTINCT FROM "
+              "f.source ORDER BY 1 LIMIT 1",
+    "saes": "SELECT s.sae_id FROM src_saes s JOIN saes f USING (sae_id) WHERE s.weights_sha256 IS "
+            "DISTINCT FROM f.weights_sha256 OR s.site IS DISTINCT FROM f.site OR s.model_id IS "
+            "DISTINCT FROM f.model_id ORDER BY 1 LIMIT 1",
+    "runs": "SELECT s.run_id FROM src_runs s JOIN runs f USING (run_id) WHERE s.created_at IS "
+            "DISTINCT FROM f.created_at OR s.model_id IS DISTINCT FROM f.model_id OR "
+            "s.options::VARCHAR IS DISTINCT FROM f.options::VARCHAR ORDER BY 1 LIMIT 1",
+}
+NEW_ROWS_SQL = {
+    "models": "INSERT INTO models SELECT * FROM src_models WHERE model_id NOT IN "
+              "(SELECT model_id FROM models)",
+    "saes": "INSERT INTO saes SELECT * FROM src_saes WHERE sae_id NOT IN (SELECT sae_id FROM saes)",
+    "runs": "INSERT INTO runs SELECT * FROM src_runs WHERE run_id NOT IN (SELECT run_id FROM runs)",
+}
 STATUS_SQL = ("UPDATE runs SET status = s.status, finished_at = s.finished_at FROM src_runs s "
               "WHERE runs.run_id = s.run_id AND runs.status <> s.status AND s.status = 'complete'")
 NEW_PROMPTS_SQL = ("CREATE OR REPLACE TEMP TABLE new_prompts AS SELECT run_id, prompt_id FROM "
                    "src_prompts EXCEPT SELECT run_id, prompt_id FROM prompts")
-COPY_SQL = {t: f"INSERT INTO {t} BY NAME SELECT s.* FROM src_{t} s SEMI JOIN new_prompts n "
-               "USING (run_id, prompt_id)" for t in PROMPT_TABLES}
+COPY_SQL = {  # the rows of the prompts the file lacks
+    "prompts": "INSERT INTO prompts BY NAME SELECT s.* FROM src_prompts s SEMI JOIN new_prompts n "
+               "USING (run_id, prompt_id)",
+    "tokens": "INSERT INTO tokens BY NAME SELECT s.* FROM src_tokens s SEMI JOIN new_prompts n "
+              "USING (run_id, prompt_id)",
+    "node_scalars": "INSERT INTO node_scalars BY NAME SELECT s.* FROM src_node_scalars s SEMI JOIN "
+                    "new_prompts n USING (run_id, prompt_id)",
+    "pair_scalars": "INSERT INTO pair_scalars BY NAME SELECT s.* FROM src_pair_scalars s SEMI JOIN "
+                    "new_prompts n USING (run_id, prompt_id)",
+    "edges": "INSERT INTO edges BY NAME SELECT s.* FROM src_edges s SEMI JOIN new_prompts n "
+             "USING (run_id, prompt_id)",
+}
 BATCHES_SQL = ("INSERT INTO batches SELECT * FROM src_batches s WHERE NOT EXISTS (SELECT 1 FROM "
                "batches b WHERE b.run_id = s.run_id AND b.batch_id = s.batch_id)")
 
@@ -63,12 +83,12 @@ def ingest(source, db, node_types=(), scalars=(), on_wait=None) -> dict[str, int
     with writer.connection() as con:
         sources.install_views(con, found, prefix="src_", temporary=True)
         with transaction(con, failed):
-            for table, key, _ in IDENTITY:
+            for table, key in IDENTITY:
                 clash = con.execute(CLASH_SQL[table]).fetchone()
                 if clash is not None:
                     raise WarehouseError(f"{key} {clash[0]} of {src} is another {table[:-1]} than "
                                          f"{key} {clash[0]} in {target}; ingest into a new file")
-            for table, _, _ in IDENTITY:
+            for table, _ in IDENTITY:
                 added[table] = con.execute(NEW_ROWS_SQL[table]).fetchone()[0]
             con.execute(STATUS_SQL)
             con.execute(NEW_PROMPTS_SQL)

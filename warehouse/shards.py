@@ -41,7 +41,7 @@ import duckdb
 
 from actwh.errors import WarehouseError
 from actwh.warehouse import ddl, sources
-from actwh.warehouse.connection import _ident, _now, one_line, transaction
+from actwh.warehouse.connection import _compose, _ddl, _ident, _now, _type, one_line, transaction
 from actwh.warehouse.spec import PARQUET_META, Spec, check_folder_target, parse_spec
 from actwh.warehouse.writer import (DUPLICATE_SQL, BatchAlreadyCommitted, WarehouseWriter,
                                     batch_id_of)
@@ -85,13 +85,13 @@ class ShardWriter:
         counts = {t: tables[t].num_rows if t in tables else 0 for t in BATCH_TABLES}
         con = self._stage
         for table in BATCH_TABLES:
-            con.execute(f"DELETE FROM {_ident(table)}")
+            con.execute(_ddl("DELETE FROM {t}", t=table))
         failed = lambda e: f"batch {batch_id} of run {run_id} was not written: {one_line(e)}"  # noqa: E731
         with transaction(con, failed):
             for table in BATCH_TABLES[:-1]:
                 if table in tables and tables[table].num_rows:
                     con.register("batch_rows", tables[table])
-                    con.execute(f"INSERT INTO {_ident(table)} BY NAME SELECT * FROM batch_rows")
+                    con.execute(_ddl("INSERT INTO {t} BY NAME SELECT * FROM batch_rows", t=table))
                     con.unregister("batch_rows")
             con.execute(BATCH_ROW, {"run": run_id, "batch": batch_id, "n": counts["prompts"],
                                     "nodes": counts["node_scalars"], "pairs": counts["pair_scalars"],
@@ -151,9 +151,11 @@ class LakeWriter(ShardWriter):
                 if node_types is None:
                     raise WarehouseError(f"no warehouse at {self.spec}")
                 for table, cols in ddl.columns().items():
-                    con.execute(f"CREATE TABLE {_ident(table)} (" + ", ".join(
-                        f"{_ident(c)} {'VARCHAR' if k in ddl.ENUM_TYPES else _type(k)}"
-                        f"{'' if nullable else ' NOT NULL'}" for c, k, nullable in cols) + ")")
+                    con.execute(_compose("CREATE TABLE {t} ({columns})", t=_ident(table),
+                                         columns=", ".join(_compose(
+                                             "{c} {k}{null}", c=_ident(c), null="" if nullable
+                                             else " NOT NULL", k="VARCHAR" if k in ddl.ENUM_TYPES
+                                             else _type(k)) for c, k, nullable in cols)))
                 meta = {"schema_version": ddl.SCHEMA_VERSION, "node_types": [], "scalars": []}
             else:
                 meta = sources.lake_meta(con)
@@ -192,8 +194,8 @@ class LakeWriter(ShardWriter):
                     raise BatchAlreadyCommitted(run_id, batch_id, self.spec)
                 for table in BATCH_TABLES:
                     if counts[table] or table == "batches":
-                        con.execute(f"INSERT INTO lake.{_ident(table)} BY NAME SELECT * FROM "
-                                    f"memory.main.{_ident(table)}")
+                        con.execute(_ddl("INSERT INTO lake.{t} BY NAME SELECT * FROM memory.main.{t}",
+                                         t=table))
             found = con.execute("SELECT n_node_rows FROM batches WHERE run_id = $run AND "
                                 "batch_id = $batch", {"run": run_id, "batch": batch_id}).fetchone()
             if found is None or found[0] != counts["node_scalars"]:
@@ -276,12 +278,12 @@ class FolderWriter(ShardWriter):
         con = self._stage
         for attempt in range(100):
             for table in ("models", "saes", "runs"):
-                con.execute(f"DELETE FROM {_ident(table)}")
+                con.execute(_ddl("DELETE FROM {t}", t=table))
                 files = self._rows(table)
                 if files:
-                    con.execute(f"INSERT INTO {_ident(table)} SELECT * FROM read_parquet($f)",
+                    con.execute(_ddl("INSERT INTO {t} SELECT * FROM read_parquet($f)", t=table),
                                 {"f": files})
-            ids_before = {t: {r[0] for r in con.execute(f"SELECT {k} FROM {t}").fetchall()}
+            ids_before = {t: {r[0] for r in con.execute(_ddl("SELECT {k} FROM {t}", t=t, k=k)).fetchall()}
                           for t, k in (("models", "model_id"), ("saes", "sae_id"))}
             model_id = WarehouseWriter._register_model(con, model)
             run_id = WarehouseWriter._create_run(con, model_id, **run)
@@ -292,7 +294,7 @@ class FolderWriter(ShardWriter):
             ok = True
             for table, key, i in new:
                 final = self.spec.path / table / f"{sources.ROW_FOLDERS[table]}-{i}.parquet"
-                if not self._copy_out(f"SELECT * FROM {_ident(table)} WHERE {_ident(key)} = $id",
+                if not self._copy_out(_ddl("SELECT * FROM {t} WHERE {k} = $id", t=table, k=key),
                                       final, replace=False, params={"id": i}):
                     ok = False
                     break
@@ -323,7 +325,7 @@ class FolderWriter(ShardWriter):
                 if not counts[table] and table != "batches":
                     continue
                 rel = f"data/{table}/r{run_id}-b{batch_id}-{token}.parquet"
-                self._copy_out(f"SELECT * FROM {_ident(table)}", self.spec.path / rel, replace=True)
+                self._copy_out(_ddl("SELECT * FROM {t}", t=table), self.spec.path / rel, replace=True)
                 written.append(self.spec.path / rel)
                 files[table] = rel
             body = {"run_id": run_id, "batch_id": batch_id, "n_prompts": counts["prompts"],
@@ -391,10 +393,3 @@ def _merge(meta: dict, node_types, scalars) -> dict:
         out[key] = have + [v for v in (values or ()) if v not in have]
     return out
 
-
-def _type(kind: str) -> str:
-    import re
-
-    if not re.match(r"^[A-Z][A-Z ]*$", kind):
-        raise WarehouseError(f"not a column type: {kind!r}")
-    return kind

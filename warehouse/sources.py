@@ -27,8 +27,8 @@ import duckdb
 
 from actwh.errors import WarehouseError
 from actwh.warehouse import ddl
-from actwh.warehouse.connection import (WarehouseLocked, _holder, _ident, _is_lock_error,
-                                        one_line)
+from actwh.warehouse.connection import (WarehouseLocked, _compose, _ddl, _holder, _ident,
+                                        _is_lock_error, _type, one_line)
 from actwh.warehouse.spec import PARQUET_META, Spec, lake_extension
 
 FILE_TABLES = ("prompts", "tokens", "node_scalars", "pair_scalars", "edges")  # written once
@@ -60,8 +60,8 @@ def attached(con, spec: Spec, read_only: bool, wait_s: float | None = 10.0, on_w
                + ("READ_ONLY" if read_only else "DATA_INLINING_ROW_LIMIT 0"))
     while True:
         try:
-            con.execute(f"ATTACH {_quote('ducklake:' + str(spec.catalog.resolve()))} AS lake "
-                        f"({options})")
+            con.execute(_compose("ATTACH {catalog} AS lake ({options})", options=options,
+                                 catalog=_quote("ducklake:" + str(spec.catalog.resolve()))))
             break
         except duckdb.Error as e:
             if not _is_lock_error(e):
@@ -127,11 +127,11 @@ def lake_sources(spec: Spec, wait_s: float | None = 10.0) -> tuple[dict, dict]:
                 if table not in present:
                     continue
                 if table not in FILE_TABLES:
-                    out[table] = con.execute(f"SELECT * FROM lake.{_ident(table)}").to_arrow_table()
+                    out[table] = con.execute(_ddl("SELECT * FROM lake.{t}", t=table)).to_arrow_table()
                     continue
                 files = con.execute("SELECT data_file, delete_file FROM ducklake_list_files("
                                     "'lake', $t)", {"t": table}).fetchall()
-                n = con.execute(f"SELECT count(*) FROM lake.{_ident(table)}").fetchone()[0]
+                n = con.execute(_ddl("SELECT count(*) FROM lake.{t}", t=table)).fetchone()[0]
                 paths = [f for f, _ in files]
                 found = ds.dataset(paths, format="parquet").count_rows() if paths else 0
                 if any(d is not None for _, d in files) or found != n:
@@ -198,7 +198,6 @@ def create_types(con, node_types, scalars) -> None:
 def install_views(con, found: dict, prefix: str = "", temporary: bool = False) -> None:
     """One view per schema table (`prefix` + name) over the registered sources, cast to the
     schema's column types (a column a source lacks is NULL; a table it lacks is empty)."""
-    import pyarrow as pa
     import pyarrow.dataset as ds
 
     for table, cols in ddl.columns().items():
@@ -206,16 +205,14 @@ def install_views(con, found: dict, prefix: str = "", temporary: bool = False) -
         if isinstance(src, list):
             src = ds.dataset(src, format="parquet") if src else None
         name = _ident(prefix + table)
-        if src is None:
-            select = ", ".join(f"CAST(NULL AS {kind}) AS {_ident(c)}" for c, kind, _ in cols)
-            body = f"SELECT {select} WHERE false"
-        else:
-            have = set(src.schema.names)
-            con.register(f"_src_{name}", src if not isinstance(src, pa.Table) else src)
-            select = ", ".join(f"CAST({_ident(c) if c in have else 'NULL'} AS {kind}) AS {_ident(c)}"
-                               for c, kind, _ in cols)
-            body = f"SELECT {select} FROM _src_{name}"
-        con.execute(f"CREATE OR REPLACE {'TEMP ' if temporary else ''}VIEW {name} AS {body}")
+        have = set(src.schema.names) if src is not None else set()
+        columns = ", ".join(_compose("CAST({v} AS {k}) AS {c}", v=_ident(c) if c in have else "NULL",
+                                     k=_type(kind), c=_ident(c)) for c, kind, _ in cols)
+        if src is not None:
+            con.register("_src_" + name, src)
+        con.execute(_compose("CREATE OR REPLACE {temp}VIEW {name} AS SELECT {columns} {source}",
+                             temp="TEMP " if temporary else "", name=name, columns=columns,
+                             source=_ddl("FROM _src_{n}", n=name) if src is not None else "WHERE false"))
 
 
 def reader_connection(spec: Spec, wait_s: float | None = 10.0):
@@ -229,7 +226,7 @@ def reader_connection(spec: Spec, wait_s: float | None = 10.0):
         create_types(con, meta["node_types"], meta["scalars"])
         install_views(con, found)
         for key, value in READER_CONFIG.items():
-            con.execute(f"SET {_ident(key)} = {'true' if value else 'false'}")
+            con.execute(_compose("SET {key} = {value}", key=_ident(key), value=str(bool(value)).lower()))
         package_views(con)
     except BaseException:
         con.close()

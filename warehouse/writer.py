@@ -9,6 +9,8 @@ A batch is identified by (run_id, batch_id), batch_id being its smallest prompt 
 (`batch_id_of`): batches are disjoint sets of prompts, so the id is the same however often the
 batch is computed (a resume, a retried worker), and committing one twice is refused inside the
 commit's transaction (`BatchAlreadyCommitted`), with the primary key of `batches` behind it.
+A batch with no prompts rows (rows added to prompts already written, `append_batch`) takes the
+next negative id of its run, which no populate batch can have.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ EVAL_DELETES = {
     "evaluations": "DELETE FROM evaluations WHERE run_id = $run",
     "circuits": "DELETE FROM circuits WHERE run_id = $run",
 }
+EXTRA_BATCH_SQL = ("SELECT least(coalesce(min(batch_id), 0), 0) - 1 FROM batches "
+                   "WHERE run_id = $run")
 DUPLICATE_SQL = "SELECT count(*) FROM batches WHERE run_id = $run AND batch_id = $batch"
 TABLES_SQL = "SELECT table_name FROM information_schema.tables"
 
@@ -375,7 +379,10 @@ class WarehouseWriter:
         with transaction(con, failed):
             for run_id, held, _ in group:
                 tables = self._unspill(held) if isinstance(held, Path) else held
-                batch_id = batch_id_of(tables)
+                if tables.get("prompts") is not None and tables["prompts"].num_rows:
+                    batch_id = batch_id_of(tables)
+                else:  # rows added to prompts already written: the next negative id
+                    batch_id = con.execute(EXTRA_BATCH_SQL, {"run": run_id}).fetchone()[0]
                 ids.append(batch_id)
                 if con.execute(DUPLICATE_SQL, {"run": run_id, "batch": batch_id}).fetchone()[0]:
                     raise BatchAlreadyCommitted(run_id, batch_id, self.path)
