@@ -305,13 +305,14 @@ def prepare(db, opts: PopulateOptions | None, resume: int | None, warn, device=N
     from actwh.compute.scalars import get_scalar
     from actwh.compute.selection import Selection
     from actwh.compute.targets import get_target
-    from actwh.warehouse.store import Warehouse, check_writable
+    from actwh.warehouse.spec import check_target, parse_spec
+    from actwh.warehouse.store import Warehouse
 
     stored = None
     if resume is not None:
         if opts is not None:
             raise ActwhError(f"resuming run {resume} uses its stored options; give no other options")
-        if not os.path.exists(db):
+        if not parse_spec(db).exists():
             raise ActwhError(f"cannot resume run {resume}: no warehouse at {db}")
         with Warehouse(db) as wh:  # read-only: a complete run is left byte for byte as it is
             wh.require_run(resume)
@@ -329,7 +330,7 @@ def prepare(db, opts: PopulateOptions | None, resume: int | None, warn, device=N
     if not isinstance(opts, PopulateOptions):
         raise ActwhError("populate needs PopulateOptions (or resume=RUN_ID)")
     opts.validate()
-    check_writable(db)
+    check_target(db)
     scalars = [get_scalar(s).name for s in opts.scalars]
     selection = Selection.parse(opts.select)
     prompts = read_prompts(opts.prompts)
@@ -404,11 +405,11 @@ def open_writer(db, *, on_wait=None, commit_rows: int = 200_000, commit_seconds:
     """The writer of `db` (start_run, done_prompts, queue_batch, finish_run, discard, commits)."""
     from actwh.compute.scalars import SCALARS
     from actwh.ontology import NODE_TYPES
-    from actwh.warehouse.store import WarehouseWriter
+    from actwh.warehouse.shards import open_writer as open_storage
 
-    return WarehouseWriter(db, NODE_TYPES, tuple(SCALARS), wait_s=None, on_wait=on_wait,
-                           group_rows=commit_rows, group_seconds=commit_seconds,
-                           hold_bytes=hold_bytes)
+    return open_storage(db, NODE_TYPES, tuple(SCALARS), wait_s=None, on_wait=on_wait,
+                        group_rows=commit_rows, group_seconds=commit_seconds,
+                        hold_bytes=hold_bytes)
 
 
 def start_run(writer, prep: Prepared, device: str | None = None) -> tuple[int, set[int]]:

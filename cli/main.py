@@ -69,7 +69,8 @@ def sites(model_path: str | None) -> None:
 
 def db_option(f):
     return click.option("--db", envvar="ACTWH_DB", default="actwh.duckdb", show_default=True,
-                        help="Warehouse file (or $ACTWH_DB).")(f)
+                        help="Warehouse: a DuckDB file, lake:PATH (a DuckLake catalog) or "
+                             "parquet:DIR (a folder of Parquet shards) (or $ACTWH_DB).")(f)
 
 
 TYPED = {"str": str, "int": int, "float": float}
@@ -323,6 +324,23 @@ def export(run, folder, db) -> None:
 
     for path in Warehouse(db).export_run(run, folder):
         click.echo(path)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--db", envvar="ACTWH_DB", default="actwh.duckdb", show_default=True,
+              help="The DuckDB file to copy into (or $ACTWH_DB).")
+def ingest(source, db) -> None:
+    """Copy a lake (lake:PATH) or a Parquet folder (parquet:DIR) into one DuckDB file, exactly
+    once: what the file already holds is not added again."""
+    from actwh.ontology import NODE_TYPES
+    from actwh.warehouse.ingest import ingest as run_ingest
+
+    added = run_ingest(source, db, NODE_TYPES,
+                       on_wait=lambda msg: click.echo(msg, err=True))
+    click.echo(f"ingested {source} -> {db}: {added['runs']} runs, {added['prompts']} prompts, "
+               f"{added['node_scalars']:,} node rows, {added['pair_scalars']:,} pair rows, "
+               f"{added['edges']:,} edges", err=True)
 
 
 @cli.command()

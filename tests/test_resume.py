@@ -155,7 +155,7 @@ def test_delete_removes_one_run_everywhere(interrupted):
 
 def test_delete_is_one_transaction(interrupted, monkeypatch):
     """A failure while deleting (here: the last table) leaves every table as it was."""
-    import actwh.warehouse.store as store
+    import actwh.warehouse.writer as store
 
     _, db, *_ = interrupted
     before = rows(db, 1)

@@ -119,7 +119,7 @@ def test_each_table_is_one_arrow_insert_per_batch(tmp_path, gpt2_dir, monkeypatc
         def __getattr__(self, name):
             return getattr(self.con, name)
 
-    import actwh.warehouse.store as store
+    import actwh.warehouse.writer as store
 
     real_connect = store.connect
     monkeypatch.setattr(store, "connect", lambda *a, **k: Spy(real_connect(*a, **k)))
@@ -144,7 +144,7 @@ def test_error_inside_transaction_fails_loudly_and_writes_nothing(tmp_path):
 
 
 def test_silently_rolled_back_commit_is_detected(tmp_path, monkeypatch):
-    import actwh.warehouse.store as store
+    import actwh.warehouse.writer as store
 
     writer = WarehouseWriter(tmp_path / "w.duckdb", NODE_TYPES, tuple(SCALARS))
 

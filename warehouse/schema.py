@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from actwh.ontology import DOWN_INPUTS
 
-SCHEMA_VERSION = 1
+from actwh.warehouse.ddl import BIG_TABLES, PLACEHOLDERS, SCHEMA_SQL, SCHEMA_VERSION  # noqa: F401
 
 
 def build_metadata(node_types: tuple[str, ...], scalars: tuple[str, ...]) -> sa.MetaData:
@@ -206,4 +206,16 @@ def create_missing_tables(con) -> None:
         con.execute(ddl)
 
 
-BIG_TABLES = ("node_scalars", "pair_scalars", "edges")
+def compiled_ddl() -> str:
+    """The DDL `create_all` runs, through the DuckDB dialect, ENUM lists as placeholders: what
+    `schema.sql` holds (writers use that file, so populating never imports SQLAlchemy)."""
+    out = []
+    engine = sa.create_mock_engine("duckdb://", lambda sql, *a, **k: out.append(
+        str(sql.compile(dialect=engine.dialect)).strip()))
+    build_metadata((PLACEHOLDERS["node_type"],), (PLACEHOLDERS["scalar"],)).create_all(
+        engine, checkfirst=False)
+    return "".join(s + ";\n\n" for s in out)
+
+
+if __name__ == "__main__":  # python -m actwh.warehouse.schema: rewrite schema.sql
+    SCHEMA_SQL.write_text(compiled_ddl())
