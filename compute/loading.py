@@ -159,6 +159,9 @@ class Weights(Mapping):
         for name, e in header.items():
             if name == "__metadata__":
                 continue
+            if isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] not in SAFETENSORS_DTYPES:
+                raise ModelLoadError(f"weights {f}: tensor {name} has dtype {e['dtype']}, which actwh "
+                                     f"does not read (it reads {', '.join(SAFETENSORS_DTYPES)})")
             try:
                 dtype = SAFETENSORS_DTYPES[e["dtype"]]
                 shape = tuple(int(d) for d in e["shape"])

@@ -497,9 +497,14 @@ class HookedTransformer(nn.Module):
         x = self.hook_embed(x)
         rot = {}  # layer type -> (cos, sin) [batch, pos, 1, rotary_dim]
         if cfg.rotary_dim:
-            seq_len = int(pos.max()) + 1 if cfg.rope.type == "longrope" else n
             for kind, rope in (("full", cfg.rope), ("sliding", cfg.rope_local or cfg.rope)):
-                freqs = pos[..., None].float() * rope.frequencies(seq_len, tokens.device)
+                inv_freq = rope.frequencies(n, tokens.device)
+                if rope.type == "longrope":  # long factors once the longest position passes
+                    # original_max, chosen on the device (no host synchronisation)
+                    long = pos.max() + 1 > rope.original_max
+                    inv_freq = torch.where(long, rope.frequencies(rope.original_max + 1, tokens.device),
+                                           rope.frequencies(rope.original_max, tokens.device))
+                freqs = pos[..., None].float() * inv_freq
                 emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
                 rot[kind] = ((emb.cos() * rope.attention_factor).to(x.dtype),
                              (emb.sin() * rope.attention_factor).to(x.dtype))

@@ -12,16 +12,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from actwh.compute.loading import config_from_hf, convert, load_model
+from actwh.compute.loading import config_from_hf, load_model
 from actwh.compute.model import HookedTransformer
 from actwh.errors import ModelLoadError
 from conftest import PROMPTS, padded_batch, save_tiny
+from legacy_convert import convert  # b84f5c4's conversion, verbatim: independent of the code under test
 
 TIED = {"gpt2", "qwen2", "llama3", "gemma2", "gemma3"}  # tie_word_embeddings in conftest's configs
 
 
 def reference_load(folder, dtype):
-    """The loader as it was: float32 model on the CPU, whole state dict, load, then cast."""
+    """The loader as it was (b84f5c4): float32 model on the CPU, whole state dict converted by
+    that commit's own code, loaded, then cast."""
     c = json.loads((folder / "config.json").read_text())
     cfg = config_from_hf(c)
     index = folder / "model.safetensors.index.json"
@@ -139,4 +141,11 @@ def test_a_damaged_shard_is_refused_naming_it(checkpoints, tmp_path):
     shard = sorted(folder.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ModelLoadError, match=f"{shard.name}: damaged or not a weights file"):
+        load_model(folder, device="cpu")
+
+
+def test_a_dtype_actwh_does_not_read_is_named(tmp_path):
+    folder = save_tiny("gpt2", tmp_path / "gpt2")
+    _edit(folder, lambda w: w.update({"transformer.h.0.attn.extra": torch.zeros(3, dtype=torch.uint16)}))
+    with pytest.raises(ModelLoadError, match="h.0.attn.extra has dtype U16, which actwh does not read"):
         load_model(folder, device="cpu")
