@@ -637,8 +637,8 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
                   sums: dict | None = None, edge_memory: int | None = None,
                   deferred: bool = False):
     """Compute one batch and shape it into the Arrow tables the warehouse appends.
-    edge_memory: the device budget (bytes) the component edges are chunked to fit (when the plan
-    reruns blocks in the backward pass, the scalars' pass does too).
+    edge_memory: the device budget (bytes) the component edges are chunked to fit
+    (the scalars' pass is not planned and never reruns blocks).
 
     deferred: return a function that does the rest (selection, conversion to Arrow, `sums`,
     `token_text`) and returns the tables, so that it can run on another thread while the next
@@ -658,16 +658,13 @@ def compute_batch(loaded, chunk: list[Encoded], target, needed, scalars, selecti
         base = Batch.from_ids([e.corrupt for e in chunk], loaded.tokenizer.pad_token_id or 0).tokens
     chunks = None
     if edges is not None and edges.component and edge_memory is not None:
-        from actwh.compute.edges import recompute_blocks
         from actwh.compute.memory import batch_chunks
 
         chunks = batch_chunks(loaded.model, len(chunk), batch.tokens.shape[1], edge_memory, edges)
-        with recompute_blocks(loaded.model, chunks.recompute):
-            res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln,
-                                  node_baseline=base, ig_steps=steps)
-    else:
-        res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln,
-                              node_baseline=base, ig_steps=steps)
+    # the scalars' pass is not planned and never reruns blocks (its forward hooks, --detach-ln's
+    # among them, would not fire in a rerun)
+    res = compute_scalars(loaded.model, batch, target, needed, detach_ln=detach_ln,
+                          node_baseline=base, ig_steps=steps)
     prompt_ids = np.array([e.prompt_id for e in chunk], dtype=np.int32)
     sae_layers = tuple(s.info.layer for s in spliced(loaded.model))
     corrupt_metric = to_target = np.full(len(chunk), np.nan)

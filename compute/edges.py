@@ -262,8 +262,10 @@ def _bias_sums(model: HookedTransformer, acts, sl: slice) -> list:
 def recompute_blocks(model: HookedTransformer, on: bool = True):
     """Within the block, each transformer block runs under non-reentrant activation
     checkpointing (torch.utils.checkpoint): its forward keeps only its inputs, and the backward
-    reruns it. Hooks fire again in the rerun with the same values, so caches and gradients are
-    unchanged (tests/test_edge_chunks.py)."""
+    reruns it. The rerun happens after run_with_cache's hooks are removed, so no hook fires in it:
+    only hook-free blocks may be rerun (the component graph's only hooks keep values; spliced
+    autoencoders are modules and rerun exactly). Caches and gradients are unchanged
+    (tests/test_edge_chunks.py)."""
     if not on:
         yield
         return

@@ -125,7 +125,7 @@ def predict(cfg, batch: int, seq: int, dtype, *, corrupt: bool = False, ig_steps
     qkv_keep = T * s * (H + 2 * kv) * dh * (2 if kv < H or cfg.rotary_dim else 1)
     mlp_keep = T * dm * s * (3 if cfg.gated_mlp else 1)
     norm_keep = (4 if cfg.norm == "layernorm" else 2 if s < f else 0) * T * d * f * cfg.pre_norm
-    logits = T * cfg.d_vocab * s
+    logits = T * cfg.d_vocab * (s + 2 * f)  # the logits, their gradient and a float32 temporary
     # einsum's contiguous copies of W_Q, W_K, W_V, kept for the backward of their products
     weight_copies = d * (H + 2 * kv) * dh * s
     layer_keep = qkv_keep + att * (f + (s if s < f else 0)) + mlp_keep + norm_keep + weight_copies
@@ -218,4 +218,9 @@ def batch_chunks(model, rows: int, seq: int, total: int, edges) -> EdgeChunks:
     try:
         return plan(model.cfg, rows, seq, model.W_E.dtype, total - in_use(model), **_edge_kw(edges))[0]
     except ActwhError:
+        import logging
+
+        logging.getLogger("actwh.memory").warning(
+            "the edges of %d prompts of %d tokens are predicted not to fit the budget even in the "
+            "smallest chunks; running them in the smallest chunks", rows, seq)
         return SMALLEST
