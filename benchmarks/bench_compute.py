@@ -24,8 +24,8 @@ def run(model_dir: Path, name: str, batch: int, seq: int, device: str) -> None:
     from actwh.compute.loading import load_model
     from actwh.compute.scalars import compute_scalars
     from actwh.compute.selection import Selection
-from actwh.rows import to_columns
     from actwh.compute.targets import Batch
+    from actwh.rows import to_columns
 
     loaded = load_model(model_dir, device=device)
     cfg = loaded.model.cfg
