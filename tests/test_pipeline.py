@@ -42,6 +42,7 @@ def dump(db, run: int) -> dict:
     string, so that equal rows compare equal); `batches` as the multiset of its counts."""
     con = duckdb.connect(str(db), read_only=True)
     try:
+        # t: a table name from the fixed TABLES tuple (identifiers cannot be bound)
         out = {t: [tuple(map(_plain, r)) for r in con.execute(
             f"SELECT * EXCLUDE (run_id) FROM {t} WHERE run_id = $r ORDER BY ALL", {"r": run}).fetchall()]
             for t in TABLES}
@@ -58,6 +59,7 @@ def whole_batches(db) -> dict:
     try:
         b = con.execute("SELECT count(*), coalesce(sum(n_prompts), 0), coalesce(sum(n_node_rows), 0), "
                         "coalesce(sum(n_pair_rows), 0), coalesce(sum(n_edge_rows), 0) FROM batches").fetchone()
+        # t: one of the four table names listed below (identifiers cannot be bound)
         have = tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                      for t in ("prompts", "node_scalars", "pair_scalars", "edges"))
         distinct = con.execute("SELECT count(DISTINCT (run_id, prompt_id)) FROM prompts").fetchone()[0]

@@ -73,6 +73,7 @@ def stored(db, run: int) -> dict:
     from test_pipeline import TABLES, _plain
 
     with Warehouse(db) as wh:
+        # t: a table name from test_pipeline's fixed TABLES tuple (identifiers cannot be bound)
         out = {t: [tuple(map(_plain, r)) for r in wh.sql(
             f"SELECT * EXCLUDE (run_id) FROM {t} WHERE run_id = $r ORDER BY ALL", r=run).rows()]
             for t in TABLES}
