@@ -146,19 +146,24 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
-def _wait_for_prompts(db, n, proc, timeout=120):
+def _hold_once_written(db, proc, timeout=120):
+    """A read-only connection to db, taken by the very connection that first sees a prompt
+    written (no gap in which the populate could finish), and how many prompts it saw."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout and proc.poll() is None:
         try:
             con = duckdb.connect(str(db), read_only=True)
-            try:
-                if con.execute("SELECT count(*) FROM prompts").fetchone()[0] >= n:
-                    return
-            finally:
-                con.close()
         except duckdb.Error:
-            pass
-        time.sleep(0.05)
+            time.sleep(0.01)
+            continue
+        try:
+            n = con.execute("SELECT count(*) FROM prompts").fetchone()[0]
+        except duckdb.Error:  # the file exists, its tables not yet
+            n = 0
+        if n:
+            return con, n
+        con.close()
+        time.sleep(0.01)
     raise AssertionError("populate wrote nothing")
 
 
@@ -169,16 +174,15 @@ def test_a_reader_holding_the_file_never_fails_a_populate(tmp_path, gpt2_dir, ho
     pop = subprocess.Popen([*ACTWH, "populate", str(prompts), "--model", str(gpt2_dir), "--db", str(db),
                             "--top", "0", "--batch-size", "1", "--commit-seconds", "0"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    _wait_for_prompts(db, 1, pop)
-    ready = tmp_path / "held"
-    holder = _hold(db, hold_s, ready)
-    _wait_for(ready, holder)
+    held, seen = _hold_once_written(db, pop)  # this process now holds the file, as a notebook would
     t_held = time.monotonic()
-    out, err = pop.communicate(timeout=hold_s + 300)
-    holder.wait()
+    assert seen < 24, "the populate finished before the file was held: nothing was tested"
+    time.sleep(hold_s)
+    held.close()
+    out, err = pop.communicate(timeout=300)
     assert pop.returncode == 0, err
     assert time.monotonic() - t_held >= hold_s - 1  # it waited the hold out, never gave up
-    assert f"process {holder.pid}" in err and "holding finished batches" in err, err
+    assert f"process {os.getpid()}" in err and "holding finished batches" in err, err
     assert "Traceback" not in err
     runs, n, status = invariants(db)
     assert (runs, n, status) == (1, 24, [("complete",)])

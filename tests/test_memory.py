@@ -1,35 +1,20 @@
 """Acceptance 2 of issue 18: the edge memory planner (compute/memory.py).
 
-The measured peak is the sum of torch's CPU allocations and frees, in order, as
-torch.profiler records them with profile_memory=True (its "[memory]" events): bytes allocated
-from the start of the call, the quantity the planner predicts."""
+The measured peak is the sum of torch's CPU allocations and frees, in order, as torch.profiler
+records them with profile_memory=True: bytes allocated from the start of the call, the quantity
+the planner predicts. Each peak is measured in a fresh process (tests/memory_probe.py): in the
+test process it changed with what earlier tests had left behind."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from memory_probe import batch_of, measured_peak, peak_in_fresh_process
 
 from actwh.compute.edges import EdgeChunks, component_edges
 from actwh.compute.loading import load_model
 from actwh.compute.memory import MARGIN, parse_memory, plan, predict
-from actwh.compute.targets import Batch
 from actwh.errors import ActwhError
-
-
-def measured_peak(fn):
-    """(peak bytes allocated by torch on the CPU while fn runs, fn's result)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak, out
 
 
 def checkpoint(folder, kind):
@@ -58,14 +43,6 @@ def models(tmp_path_factory):
     return {k: checkpoint(tmp_path_factory.mktemp(k), k) for k in ("gpt2", "llama")}
 
 
-def batch_of(b, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, 48, (b, n), generator=g)
-    mask = torch.ones_like(tokens)
-    mask[0, n - n // 3:] = 0  # one shorter prompt, right-padded
-    return Batch(tokens, mask, tokens[:, 1], tokens[:, 2]), torch.randint(3, 48, (b, n), generator=g)
-
-
 CASES = [("gpt2", "float32", 2, 32, {}, None),
          ("llama", "float32", 3, 48, {"corrupt": True}, None),
          ("llama", "float32", 2, 32, {"positions": "each"}, None),
@@ -78,11 +55,9 @@ CASES = [("gpt2", "float32", 2, 32, {}, None),
 
 @pytest.mark.parametrize("kind,dtype,b,n,opts,chunks", CASES)
 def test_prediction_within_15_percent_of_measured_peak(models, kind, dtype, b, n, opts, chunks):
-    loaded = load_model(models[kind], device="cpu", dtype=getattr(torch, dtype))
-    batch, bad = batch_of(b, n)
-    kw = dict(opts, corrupt=bad if opts.get("corrupt") else None)
-    got, _ = measured_peak(lambda: component_edges(loaded.model, batch, "logit_diff", chunks=chunks, **kw))
-    want = predict(loaded.model.cfg, b, n, getattr(torch, dtype), chunks=chunks, **opts).peak
+    cfg = load_model(models[kind], device="cpu", dtype=getattr(torch, dtype)).model.cfg
+    got = peak_in_fresh_process(models[kind], dtype, b, n, opts=opts, chunks=chunks)
+    want = predict(cfg, b, n, getattr(torch, dtype), chunks=chunks, **opts).peak
     assert abs(want / got - 1) <= 0.15, (want, got)
 
 
@@ -93,12 +68,14 @@ def test_a_budget_below_the_one_pass_peak_is_kept_with_the_same_values(models, b
     loaded = load_model(models["gpt2"], device="cpu")
     cfg = loaded.model.cfg
     batch, _ = batch_of(b, n, seed=1)
-    whole_peak, whole = measured_peak(lambda: component_edges(loaded.model, batch, "logit_diff"))
+    whole = component_edges(loaded.model, batch, "logit_diff")
+    whole_peak = peak_in_fresh_process(models["gpt2"], "float32", b, n, seed=1)
     budget = int(fraction * whole_peak)
     chunks, pred = plan(cfg, b, n, torch.float32, budget)
     assert chunks != EdgeChunks() and pred.peak * MARGIN <= budget
     assert chunks.recompute == (b == 1)
-    peak, got = measured_peak(lambda: component_edges(loaded.model, batch, "logit_diff", chunks=chunks))
+    peak = peak_in_fresh_process(models["gpt2"], "float32", b, n, seed=1, chunks=chunks)
+    got = component_edges(loaded.model, batch, "logit_diff", chunks=chunks)
     assert peak <= budget < whole_peak
     scale = float(whole.values.abs().max())
     torch.testing.assert_close(got.values, whole.values, rtol=1e-5, atol=2e-6 * scale)
