@@ -157,8 +157,11 @@ class PopulateOptions:
             from actwh.compute.memory import parse_memory
 
             parse_memory(self.max_memory)
-            if self.edges is None or not self.edges.component:
+            if self.edges is None:
                 raise ActwhError("--max-memory plans the component graph's edges: add --edges")
+            if not self.edges.component:
+                raise ActwhError("--max-memory plans the component graph's edges (--edges), not "
+                                 "--edges-into's node edges: add --edges, or drop --max-memory")
 
     def to_json(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -312,8 +315,13 @@ def prepare(db, opts: PopulateOptions | None, resume: int | None, warn, device=N
     if resume is not None:
         if opts is not None:
             raise ActwhError(f"resuming run {resume} uses its stored options; give no other options")
-        if not parse_spec(db).exists():
+        spec = parse_spec(db)
+        if not spec.exists():
             raise ActwhError(f"cannot resume run {resume}: no warehouse at {db}")
+        if spec.kind == "file":  # another process resuming or still writing it: refused now
+            from actwh.warehouse import runlock
+
+            runlock.check(spec.path, resume, "resume")
         with Warehouse(db) as wh:  # read-only: a complete run is left byte for byte as it is
             wh.require_run(resume)
             stored = wh.sql("SELECT r.status, r.n_prompts, r.options, m.weights_sha256 FROM runs r "
@@ -413,8 +421,11 @@ def open_writer(db, *, on_wait=None, commit_rows: int = 200_000, commit_seconds:
 
 
 def start_run(writer, prep: Prepared, device: str | None = None) -> tuple[int, set[int]]:
-    """Create the run (or find a resumed run's written prompts): (run_id, prompt ids done)."""
+    """Create the run (or find a resumed run's written prompts): (run_id, prompt ids done).
+    The run is the caller's to write until `writer.release_run(run_id)` (or the process ends):
+    resuming a run another process is writing is refused."""
     if prep.resume is not None:
+        writer.claim_run(prep.resume)
         return prep.resume, writer.done_prompts(prep.resume)
     info, cfg, opts = prep.loaded.info, prep.loaded.model.cfg, prep.opts
     run_id = writer.start_run(
@@ -432,6 +443,7 @@ def start_run(writer, prep: Prepared, device: str | None = None) -> tuple[int, s
         options={**opts.to_json(), "inputs": {"prompts_sha256": prep.prompts_sha,
                                               "weights_sha256": info.weights_sha256,
                                               "saes_sha256": prep.sae_shas}})
+    writer.claim_run(run_id)
     return run_id, set()
 
 
@@ -549,13 +561,23 @@ def populate(db: str | os.PathLike, opts: PopulateOptions | None = None, *,
     prep = prepare(db, opts, resume, warn, device="cpu" if engine is not None else None)
     if isinstance(prep, PopulateResult):
         return prep
-    opts, loaded = prep.opts, prep.loaded
     if engine is not None:
         ray_engine.connect(engine)  # an unreachable cluster is refused before the file is written
     writer = open_writer(db, on_wait=on_wait, commit_rows=commit_rows,
                          commit_seconds=commit_seconds, hold_bytes=hold_bytes)
     run_id, done = start_run(writer, prep, device=None if engine is None else
-                             engine.device(opts.device))
+                             engine.device(prep.opts.device))
+    try:
+        return _fill(prep, writer, run_id, done, engine, progress, pipelined, db)
+    finally:
+        writer.release_run(run_id)
+
+
+def _fill(prep, writer, run_id, done, engine, progress, pipelined, db) -> PopulateResult:
+    """Compute the run's pending prompts and write them (populate's body, the run claimed)."""
+    opts, loaded = prep.opts, prep.loaded
+    if engine is not None:
+        from actwh import ray_engine
     chunks = batches_of(prep.encoded, done, prep.batch_size)
     n_pending = sum(len(c) for c in chunks)
     bar = Progress(n_pending, progress,

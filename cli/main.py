@@ -283,7 +283,12 @@ def runs(db, delete, fmt) -> None:
         from actwh.compute.scalars import NODE_TYPES, SCALARS
         from actwh.warehouse.store import WarehouseWriter
 
-        Warehouse(db).require_run(delete)  # refuse before opening the file for writing
+        from actwh.warehouse import runlock
+        from actwh.warehouse.spec import parse_spec
+
+        Warehouse(db).require_run(delete)  # refuse before opening the file for writing,
+        if parse_spec(db).kind == "file":  # and while a populate is writing the run
+            runlock.check(parse_spec(db).path, delete, "delete")
         removed = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS)).delete_run(delete)
         click.echo(f"run {delete} deleted ({removed['prompts']} prompts, "
                    f"{removed['node_scalars']:,} node rows, {removed['pair_scalars']:,} pair rows, "

@@ -146,9 +146,10 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
-def _hold_once_written(db, proc, timeout=120):
-    """A read-only connection to db, taken by the very connection that first sees a prompt
-    written (no gap in which the populate could finish), and how many prompts it saw."""
+def _hold_once_written(db, proc, after_run=0, timeout=120):
+    """A read-only connection to db, taken by the very connection that first sees a prompt of a
+    run after `after_run` written (no gap in which the populate could finish), and how many
+    such prompts it saw."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout and proc.poll() is None:
         try:
@@ -157,7 +158,7 @@ def _hold_once_written(db, proc, timeout=120):
             time.sleep(0.01)
             continue
         try:
-            n = con.execute("SELECT count(*) FROM prompts").fetchone()[0]
+            n = con.execute("SELECT count(*) FROM prompts WHERE run_id > $r", {"r": after_run}).fetchone()[0]
         except duckdb.Error:  # the file exists, its tables not yet
             n = 0
         if n:
@@ -272,3 +273,42 @@ def test_leftovers_of_killed_writers_are_removed(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_run_being_written_is_neither_deleted_nor_resumed_by_another_process(tmp_path, gpt2_dir):
+    """A populate between two commits does not hold the file, so only its claim on the run stops
+    `runs --delete` and a second `--resume` (each refused in one line naming the populate's
+    process, the warehouse untouched); once it has ended, or been killed, both go ahead."""
+    prompts = write_prompts(tmp_path / "p.jsonl", repeat=4)  # 24 prompts, 24 batches
+    db = tmp_path / "wh.duckdb"
+    args = ["populate", str(prompts), "--model", str(gpt2_dir), "--db", str(db), "--top", "0",
+            "--batch-size", "1", "--commit-seconds", "0"]
+    pop = subprocess.Popen([*ACTWH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=ENV)
+    held, seen = _hold_once_written(db, pop)  # the populate cannot finish while this is held
+    assert seen < 24
+    run = held.execute("SELECT max(run_id) FROM runs").fetchone()[0]
+    for cmd in (["runs", "--delete", str(run), "--db", str(db)],
+                ["populate", "--resume", str(run), "--db", str(db)]):
+        r = subprocess.run([*ACTWH, *cmd], capture_output=True, text=True, env=ENV, timeout=120)
+        assert r.returncode != 0
+        assert r.stderr.strip().splitlines() == [
+            f"Error: cannot {cmd[1].lstrip('-')} run {run} of {db}: process {pop.pid} is writing it "
+            "(a populate or its resume); wait for it to end, or stop it first"], r.stderr
+    held.close()
+    out, err = pop.communicate(timeout=300)
+    assert pop.returncode == 0, err
+    assert invariants(db) == (1, 24, [("complete",)])  # nothing was taken from under the populate
+    # a populate killed mid-run leaves no claim behind: its run can be resumed, or deleted
+    pop = subprocess.Popen([*ACTWH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=ENV)
+    held, _ = _hold_once_written(db, pop, after_run=run)
+    assert held.execute("SELECT max(run_id) FROM runs").fetchone()[0] == run + 1
+    run += 1
+    pop.kill()
+    pop.wait()
+    held.close()
+    r = subprocess.run([*ACTWH, "runs", "--delete", str(run), "--db", str(db)], capture_output=True,
+                       text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert invariants(db) == (1, 24, [("complete",)])

@@ -67,6 +67,13 @@ def open_writer(db, node_types, scalars, wait_s: float | None = 60.0, on_wait=No
 class ShardWriter:
     """What a lake's and a folder's writers share: the staging database, queue = commit now."""
 
+    def claim_run(self, run_id: int) -> None:
+        """Nothing to mark: batches land here exactly once by their ids, and runs are not
+        deleted from a lake or a folder (ingest them into a file first)."""
+
+    def release_run(self, run_id: int) -> None:
+        pass
+
     def __init__(self, spec: Spec, node_types=None, scalars=None, wait_s: float | None = 60.0,
                  on_wait=None):
         self.spec = check_folder_target(parse_spec(spec))

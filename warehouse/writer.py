@@ -27,7 +27,7 @@ import duckdb
 import pyarrow as pa
 
 from actwh.errors import WarehouseError
-from actwh.warehouse import migrate
+from actwh.warehouse import migrate, runlock
 from actwh.warehouse.ddl import BIG_TABLES
 from actwh.warehouse.connection import (WarehouseLocked, _now, check_version, check_writable,
                                         connect, one_line, read_run, transaction)
@@ -211,8 +211,24 @@ class WarehouseWriter:
             return {r[0] for r in con.execute("SELECT prompt_id FROM prompts WHERE run_id = $run",
                                               {"run": run_id}).fetchall()}
 
+    def claim_run(self, run_id: int) -> None:
+        """Mark run_id as being written by this process until `release_run` or its end (see
+        runlock.py); refused, in one line, while another process writes it."""
+        runlock.claim(self.path, run_id, "write")
+
+    def release_run(self, run_id: int) -> None:
+        runlock.release(self.path, run_id)
+
     def delete_run(self, run_id: int) -> dict[str, int]:
-        """Remove one run's rows from every table, in one transaction; rows removed per table."""
+        """Remove one run's rows from every table, in one transaction; rows removed per table.
+        Refused while another process writes the run (a populate between two commits)."""
+        runlock.claim(self.path, run_id, "delete")
+        try:
+            return self._delete_run(run_id)
+        finally:
+            runlock.release(self.path, run_id)
+
+    def _delete_run(self, run_id: int) -> dict[str, int]:
         with self.transaction() as con:
             if con.execute("SELECT count(*) FROM runs WHERE run_id = $run",
                            {"run": run_id}).fetchone()[0] == 0:
