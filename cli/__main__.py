@@ -1,3 +1,3 @@
-from actwh.cli.main import cli
+from actwh.cli import main
 
-cli()
+main()

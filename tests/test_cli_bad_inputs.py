@@ -298,3 +298,29 @@ def test_ctrl_c_stops_a_running_query_with_one_line(base):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "Error: interrupted" and out == "", err
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line_and_130():
+    """An interrupt that lands while `actwh` imports its commands (before the commands' own
+    handler exists): the program entry point ends it as a command's interrupt ends."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import builtins\n"
+            "real = builtins.__import__\n"
+            "def interrupted(name, *a, **k):\n"
+            "    if name == 'actwh.cli.main':\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = interrupted\n"
+            "import runpy\n"
+            "runpy.run_module('actwh.cli', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.returncode == 130 and r.stderr == "Error: interrupted\n" and r.stdout == "", r.stderr
+    # the installed console script is that entry point
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "actwh"]
+    assert script.value == "actwh.cli:main"
