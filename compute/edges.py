@@ -22,7 +22,9 @@ gradients (pre-norms pulled back in closed form; OLMo 2's are identities) are un
 
 The products are large GEMMs: per chunk of positions, every upstream write [U, positions·d_model]
 against every downstream gradient [V, positions·d_model] (a chunk of downstream groups at a time),
-accumulated in float32 into one [U, V] result per prompt. `EdgeChunks` (chosen for a memory budget
+summed in float32 into one [U, V] result per prompt. Each product is computed in the model's dtype:
+under bf16/fp16 the GEMM accumulates in float32 inside the kernel but its output is rounded to
+that dtype before the float32 sum across chunks and IG steps. `EdgeChunks` (chosen for a memory budget
 by compute/memory.py) splits prompts, positions and downstream groups; every split gives the same
 edges up to float rounding. EAP-IG accumulates one step at a time (the edges are linear in the
 gradient), recomputing the upstream writes per position chunk when there is more than one.

@@ -53,12 +53,15 @@ def fmt(n: float) -> str:
 
 
 def device_free(device) -> int:
-    """Bytes the device has free now: CUDA's own count, or the host's available memory."""
+    """Bytes the device has free now: on CUDA, the driver's free count plus what torch's
+    caching allocator holds reserved but unallocated (ours to reuse, and not free to the
+    driver); else the host's available memory."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + max(cached, 0)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -137,3 +137,18 @@ def test_cuda_memory_prediction_and_budget(tmp_path):
         scale = float(whole.values.abs().max())
         tol = 2e-6 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(part.values, whole.values, rtol=tol * 5, atol=tol * scale)
+
+
+def test_free_memory_counts_what_the_caching_allocator_holds_unallocated():
+    """Memory torch freed but keeps reserved is ours to reuse: the default --max-memory budget
+    counts it (the driver's own free count does not)."""
+    from actwh.compute.memory import device_free
+
+    torch.cuda.empty_cache()
+    x = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    del x  # 256 MB now reserved by the allocator, unallocated
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    assert cached >= 256 << 20
+    driver_free = torch.cuda.mem_get_info()[0]
+    assert device_free("cuda") - driver_free >= (256 << 20) - (8 << 20)
+    torch.cuda.empty_cache()

@@ -183,4 +183,8 @@ def test_max_memory_needs_edges_and_a_size(models, tmp_path):
     assert r.exit_code != 0 and "add --edges" in r.output
     r = CliRunner().invoke(cli, base + ["--edges", "--max-memory", "lots"])
     assert r.exit_code != 0 and "--max-memory 'lots'" in r.output
+    r = CliRunner().invoke(cli, base + ["--edges-into", "top:2", "--max-memory", "1GB"])
+    assert r.exit_code != 0 and r.output.strip().splitlines() == [
+        "Error: --max-memory plans the component graph's edges (--edges), not --edges-into's node "
+        "edges: add --edges, or drop --max-memory"]
     assert not (tmp_path / "wh.duckdb").exists()
