@@ -542,6 +542,29 @@ def test_previous_token_attention_loss_is_the_cross_entropy_against_the_previous
     assert p.grad[:, 1].abs().sum() > 0 and p.grad[:, [0, 2]].abs().sum() == 0
 
 
+def test_induction_attention_loss_targets_the_token_after_the_last_earlier_occurrence():
+    from actwh.compute.default_model.train import induction_attention_loss, induction_targets
+
+    # BOS a b c a b x b b: a at 4 follows a at 1 -> 2; b at 5 -> 3; b at 7 -> the b at 5 -> 6;
+    # b at 8: the b just before it (7) gives no target, the one at 5 does -> 6
+    rows = torch.tensor([[0, 5, 6, 7, 5, 6, 9, 6, 6],
+                         [0, 8, 8, 0, 8, 3, 4, 3, 0]])
+    assert induction_targets(rows).tolist() == [[-1, -1, -1, -1, 2, 3, -1, 6, 6],
+                                                [-1, -1, -1, 1, 3, -1, -1, 6, 4]]
+    n = rows.shape[1]
+    uniform = (torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]).expand(2, 3, n, n).clone()
+    # head 2 of row 0 attends exactly where induction says; row 1's BOS queries (3, 8) are skipped
+    uniform[0, 2, [4, 5, 7, 8]] = 0.0
+    uniform[0, 2, [4, 5, 7, 8], [2, 3, 6, 6]] = 1.0
+    # valid queries: row 0 -> 4, 5, 7, 8 (1 each for head 2); row 1 -> 4 (1/5), 7 (1/8), the
+    # BOS queries 3 and 8 excluded
+    want = (4 * 0.0 + torch.log(torch.tensor(5.0)) + torch.log(torch.tensor(8.0))) / 6
+    assert induction_attention_loss([uniform], rows, 0, 2, skip=0).item() == pytest.approx(want.item(), rel=1e-6)
+    # without the skip, row 1's BOS queries count too (q=3 -> 1: 1/4, q=8 -> 4: 1/9)
+    want_all = (torch.log(torch.tensor(5.0 * 8 * 4 * 9))) / 8
+    assert induction_attention_loss([uniform], rows, 0, 2).item() == pytest.approx(want_all.item(), rel=1e-6)
+
+
 def test_abb_share_sets_the_share_of_answer_first_training_sentences():
     from actwh.compute.default_model.corpus import Corpus, NameSplit, all_words
 

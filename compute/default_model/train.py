@@ -244,6 +244,36 @@ def previous_token_attention_loss(attentions, layer: int, head: int) -> torch.Te
     return -torch.log(pat[:, q, q - 1].clamp_min(1e-9)).mean()
 
 
+def induction_targets(rows: torch.Tensor) -> torch.Tensor:
+    """For every position q of every row [batch, seq]: the position after the latest earlier
+    occurrence j of q's token (j + 1 < q), where an induction head attends; -1 where the token
+    has not occurred before (or only just before q)."""
+    n = rows.shape[1]
+    same = rows[:, :, None] == rows[:, None, :]  # [batch, q, j]
+    q, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    same &= (j + 1 < q)[None]
+    last = torch.where(same, j[None].expand_as(same), -1).max(-1).values  # [batch, q]
+    return torch.where(last >= 0, last + 1, -1)
+
+
+def induction_attention_loss(attentions, rows: torch.Tensor, layer: int, head: int,
+                             skip: int | None = None) -> torch.Tensor:
+    """Cross-entropy of one head's attention pattern against "attend to the token after the
+    previous occurrence of this one" (`induction_targets`), over the positions that have one
+    (tokens equal to `skip`, the BOS, excluded): added to the language-model loss
+    (`--supervise-induction`), it makes that head an induction head, and the model has to give
+    its key what it needs (which token came before each position)."""
+    pat = attentions[layer][:, head]  # [batch, query, key]
+    target = induction_targets(rows.cpu()).to(pat.device)
+    valid = target >= 0
+    if skip is not None:
+        valid &= rows.to(pat.device) != skip
+    if not bool(valid.any()):
+        return pat.sum() * 0.0
+    b, q = valid.nonzero(as_tuple=True)
+    return -torch.log(pat[b, q, target[b, q]].clamp_min(1e-9)).mean()
+
+
 def reinit_key(model, layer: int, head: int, seed: int) -> None:
     """Restart one head's key weights at GPT-2's initial scale (normal, std 0.02; bias zero),
     keeping every other weight: the head learns again which residual directions its key reads,
@@ -271,11 +301,14 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
           plant: bool = False, freeze_plant: bool = False, init: Path | None = None,
           stop_at: int | None = None, supervise: tuple[int, int] | None = None,
           supervise_weight: float = 1.0, abb_share: float = 0.5, snapshots: bool = False,
-          reinit: tuple[int, int] | None = None) -> dict:
+          reinit: tuple[int, int] | None = None,
+          supervise_induction: tuple[int, int] | None = None) -> dict:
     """Train up to `steps` steps (the learning rate drops to 30% after 85% of them), stopping early
     once IOI (each order, held-out pairs and unseen names) and induction pass 0.98 with a
     previous-token head above 0.8. `supervise` (layer, head): add `supervise_weight` times
-    that head's previous-token attention loss to the language-model loss. `abb_share`: the
+    that head's previous-token attention loss to the language-model loss;
+    `supervise_induction` (layer, head): the same weight times that head's induction attention
+    loss. `abb_share`: the
     share of IOI training sentences in the ABB order. minutes > 0: also stop at that wall-clock deadline (which makes
     the result depend on the machine's speed). Layers in `attn_only` have a zero, frozen MLP."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -331,7 +364,9 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
               "frozen_query_key": "L0H0" if freeze_plant else None,
               "init": str(init) if init else None,
               "supervised_previous_token_head": f"L{supervise[0]}H{supervise[1]}" if supervise else None,
-              "supervise_weight": supervise_weight if supervise else None,
+              "supervise_weight": supervise_weight if supervise or supervise_induction else None,
+              "supervised_induction_head": (f"L{supervise_induction[0]}H{supervise_induction[1]}"
+                                            if supervise_induction else None),
               "ioi_abb_share": abb_share,
               "reinitialised_key": f"L{reinit[0]}H{reinit[1]}" if reinit else None,
               "n_params": sum(p.numel() for p in model.parameters()),
@@ -352,10 +387,14 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
         lr = lr_max * min(1.0, (step + 1) / 200) * (0.3 if step > 0.85 * steps else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
-        out_ = model(rows, labels=rows, output_attentions=supervise is not None)
+        supervised = supervise is not None or supervise_induction is not None
+        out_ = model(rows, labels=rows, output_attentions=supervised)
         loss = out_.loss
-        if supervise is not None:
-            aux = previous_token_attention_loss(out_.attentions, *supervise)
+        if supervised:
+            aux = sum(([previous_token_attention_loss(out_.attentions, *supervise)]
+                       if supervise else []) +
+                      ([induction_attention_loss(out_.attentions, rows, *supervise_induction,
+                                                 skip=vocab[BOS])] if supervise_induction else []))
             loss_total = loss + supervise_weight * aux
         else:
             loss_total = loss
@@ -369,7 +408,7 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
             m = evaluate(model, vocab, split, seed=10_000 + step)
             record = {"step": step, "minutes": round((time.time() - start) / 60, 2), "stage": name,
                       "loss": round(loss.item(), 4),
-                      **({"aux_loss": round(aux.item(), 4)} if supervise is not None else {}),
+                      **({"aux_loss": round(aux.item(), 4)} if supervised else {}),
                       **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}}
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -425,6 +464,9 @@ def main() -> None:
     ap.add_argument("--supervise-previous-token", default=None, metavar="LxHy",
                     help="add a loss on this head's attention: cross-entropy against attending "
                          "to the previous token (e.g. L0H2)")
+    ap.add_argument("--supervise-induction", default=None, metavar="LxHy",
+                    help="add a loss on this head's attention: cross-entropy against attending to "
+                         "the token after the previous occurrence of the current one (e.g. L1H0)")
     ap.add_argument("--supervise-weight", type=float, default=1.0)
     ap.add_argument("--abb-share", type=float, default=0.5,
                     help="share of IOI training sentences that name the answer first")
@@ -448,12 +490,14 @@ def main() -> None:
 
     supervise = head("--supervise-previous-token", args.supervise_previous_token)
     reinit = head("--reinit-key", args.reinit_key)
+    induction = head("--supervise-induction", args.supervise_induction)
     print(json.dumps(train(args.out, args.seed, args.steps, args.threads, args.batch, args.seq,
                            args.minutes, args.layers, args.heads, args.d_model, attn_only,
                            args.lr, args.eval_every, not args.no_sinusoidal, args.d_mlp,
                            shlex.join(sys.argv[1:]), args.plant_previous_token_head,
                            args.freeze_planted, args.init, args.stop_at, supervise,
-                           args.supervise_weight, args.abb_share, args.snapshots, reinit)))
+                           args.supervise_weight, args.abb_share, args.snapshots, reinit,
+                           induction)))
 
 
 if __name__ == "__main__":
