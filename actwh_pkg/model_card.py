@@ -295,26 +295,92 @@ def reproduce_args(summary: dict) -> str:
 PREVIOUS_WEIGHTS_COMMIT = "2915e22"  # the default model shipped before issue 17
 
 
+def supervision(summary: dict) -> str:
+    """What an added attention loss made of which head in one training run ('' for none)."""
+    parts = []
+    if summary.get("supervised_previous_token_head"):
+        parts.append(f"{summary['supervised_previous_token_head']}'s attention toward the previous "
+                     "token (`--supervise-previous-token`)")
+    if summary.get("supervised_induction_head"):
+        parts.append(f"{summary['supervised_induction_head']}'s toward the token after the "
+                     "previous occurrence of the current one (`--supervise-induction`)")
+    if not parts:
+        return ""
+    return (f", with an added loss (weight {summary.get('supervise_weight', 1.0)}) pulling "
+            + " and ".join(parts))
+
+
+def supervised_note(summary: dict) -> str:
+    """The card's warning that some heads' attention patterns were trained to a given pattern."""
+    prev = sorted({s["supervised_previous_token_head"] for s in lineage(summary)
+                   if s.get("supervised_previous_token_head")})
+    ind = sorted({s["supervised_induction_head"] for s in lineage(summary)
+                  if s.get("supervised_induction_head")})
+    if not prev and not ind:
+        return ""
+    told = [f"{', '.join(prev)} toward the previous token"] if prev else []
+    told += [f"{', '.join(ind)} toward the token after the previous occurrence of the current one"
+             ] if ind else []
+    return ("**Some attention patterns were supervised, not discovered**: during training an added "
+            f"loss pulled the attention of {' and of '.join(told)} (see Training). Where those heads "
+            "attend is therefore by construction, and the added loss also trained the weights "
+            "those patterns are computed from (for an induction head's key, the earlier heads it "
+            "reads). What the heads copy, and how the rest of the model uses it, was learned from "
+            "the language-model loss.")
+
+
+def lineage(summary: dict) -> list[dict]:
+    """The runs that made the shipped weights, first to last (each continued from the one before)."""
+    chain, s = [], summary
+    while s is not None:
+        chain.append(s)
+        s = s.get("init_summary")
+    return chain[::-1]
+
+
 def training_paragraph(summary: dict) -> str:
-    common = (f"seed {summary['seed']}, batch {summary['batch']} × {summary['seq']} tokens, AdamW "
-              f"lr {summary.get('lr', 3e-3)}, {summary['threads']} CPU thread, a budget of "
-              f"{summary['steps']} steps (the learning rate drops to 30% after 85% of them); best "
-              f"checkpoint (`checkpoint_score` in train.py) at step {summary['step']} "
-              f"({summary['minutes']} minutes of wall clock on a shared 2-core machine)")
-    if summary.get("init"):
+    def common(s: dict) -> str:
+        return (f"seed {s['seed']}, batch {s['batch']} × {s['seq']} tokens, AdamW "
+                f"lr {s.get('lr', 3e-3)}, {s['threads']} CPU thread, a budget of "
+                f"{s['steps']} steps (the learning rate drops to 30% after 85% of them); best "
+                f"checkpoint (`checkpoint_score` in train.py) at step {s['step']} "
+                f"({s['minutes']} minutes of wall clock on a shared 2-core machine)")
+
+    chain = lineage(summary)
+    if summary.get("init") and len(chain) == 1:
         return (
             "Continued from the previous default model (commit "
             f"{PREVIOUS_WEIGHTS_COMMIT}: the same architecture and tokenizer, trained 8,000 steps "
             "on a corpus whose IOI sentences always named the indirect object first, so it had "
             "learned to say the first name, and whose induction head was already in place) on "
-            f"this corpus's full mix, without the curriculum: {common}. Reproducing: `git "
+            f"this corpus's full mix, without the curriculum: {common(summary)}. Reproducing: `git "
             f"archive {PREVIOUS_WEIGHTS_COMMIT} compute/default_model/weights | tar -x -C old`, "
             "then `python -m actwh.compute.default_model.train "
             f"{reproduce_args(summary).replace(str(summary['init']), 'old/compute/default_model/weights')}`.")
-    return (f"From scratch: {common}. Curriculum (`STAGES` in train.py): drills (`x r x` skip "
-            "triples and repeated spans) on 64-word alphabets, then on 256-word alphabets with "
-            "induction spans, each until its probe passes 0.8 or its step cap, then the full mix. "
-            f"Reproducing: `python -m actwh.compute.default_model.train {reproduce_args(summary)}`.")
+    if len(chain) == 1:
+        return (f"From scratch: {common(summary)}{supervision(summary)}. Curriculum (`STAGES` in "
+                "train.py): drills (`x r x` skip triples and repeated spans) on 64-word alphabets, "
+                "then on 256-word alphabets with induction spans, each until its probe passes 0.8 "
+                "or its step cap, then the full mix. Reproducing: `python -m "
+                f"actwh.compute.default_model.train {reproduce_args(summary)}`.")
+    runs, commands = [], []
+    for k, s in enumerate(chain, 1):
+        how = ("from scratch, with the curriculum (`STAGES` in train.py: drills on 64-word, then "
+               "256-word alphabets, each until its probe passes 0.8 or its step cap, then the "
+               "full mix)" if k == 1 else f"continued from run {k - 1}'s best checkpoint on the "
+               "full mix")
+        runs.append(f"run {k}, {how}: {common(s)}{supervision(s)}")
+        args = reproduce_args(s) if s is summary else re.sub(
+            r"--out \S+ ?", "", s.get("command_args", "")).strip()
+        if s is not summary and s["step"] < s["steps"] and "--stop-at" not in args:
+            args += f" --stop-at {s['step']}"  # its best checkpoint; the run went on past it
+        if k > 1:
+            args = args.replace(str(s["init"]), f"run{k - 1}")
+        commands.append("python -m actwh.compute.default_model.train "
+                        + (f"--out run{k} " if s is not summary else "") + args)
+    return (f"Trained in {len(chain)} runs, each continuing from the last: " + "; ".join(runs)
+            + ". Reproducing: " + ", then ".join(f"`{c}`" for c in commands)
+            + " (the last writes the shipped folder). The curve below is the last run's.")
 
 
 def render(acc: dict, tour: dict, ind: dict, summary: dict, curve: list[dict], config: dict,
@@ -356,6 +422,7 @@ def render(acc: dict, tour: dict, ind: dict, summary: dict, curve: list[dict], c
               if summary.get("frozen_query_key") else
               "; they then trained freely with every other weight."), ""]
           if summary.get("planted_previous_token_head") else []),
+        *([supervised_note(summary), ""] if supervised_note(summary) else []),
         "## Tasks in the corpus",
         "- induction: spans of 4-20 words drawn uniformly from the whole vocabulary, repeated later;",
         "- copy drills: a span repeated 2-4 times, from a small alphabet, then any word; skip drills: "

@@ -601,3 +601,26 @@ def test_reinit_key_restarts_only_that_heads_key():
     assert torch.equal(w[:, ~key], before["transformer.h.2.attn.c_attn.weight"][:, ~key])
     assert torch.equal(b[~key], before["transformer.h.2.attn.c_attn.bias"][~key])
     assert all(torch.equal(v, before[k]) for k, v in after.items() if "h.2.attn.c_attn" not in k)
+
+
+def test_the_cards_training_commands_are_the_recorded_runs():
+    """The card's reproduction commands parse with the trainer's own command line, chain their
+    runs (--out runK, then --init runK) and carry each run's recorded options."""
+    from actwh.compute.default_model.train import parser
+    from actwh.model_card import lineage
+
+    summary = json.loads((WEIGHTS / "train_summary.json").read_text())
+    text = " ".join(CARD.read_text().split())
+    commands = re.findall(r"`python -m actwh\.compute\.default_model\.train ([^`]*)`", text)
+    chain = lineage(summary)
+    assert len(commands) == len(chain) >= 1
+    for k, (command, run) in enumerate(zip(commands, chain), 1):
+        args = parser().parse_args(shlex.split(command))
+        assert (args.steps, args.seed, args.batch, args.lr) == (run["steps"], run["seed"], run["batch"],
+                                                                run["lr"])
+        assert args.supervise_previous_token == run.get("supervised_previous_token_head")
+        assert args.supervise_induction == run.get("supervised_induction_head")
+        if k < len(chain):  # an earlier run: stopped at its best checkpoint, written where the next reads
+            assert str(args.out) == f"run{k}" and args.stop_at in (None, run["step"])
+        if k > 1:
+            assert str(args.init) == f"run{k - 1}"

@@ -274,6 +274,18 @@ def induction_attention_loss(attentions, rows: torch.Tensor, layer: int, head: i
     return -torch.log(pat[b, q, target[b, q]].clamp_min(1e-9)).mean()
 
 
+def init_summary(init: Path) -> dict | None:
+    """The train_summary.json of the model a run continues from, with the one it continued from
+    nested in it, and so on: the whole recipe of a model trained in several runs."""
+    path = Path(init) / "train_summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("init") and not summary.get("init_summary"):
+        summary["init_summary"] = init_summary(Path(summary["init"]))
+    return summary
+
+
 def reinit_key(model, layer: int, head: int, seed: int) -> None:
     """Restart one head's key weights at GPT-2's initial scale (normal, std 0.02; bias zero),
     keeping every other weight: the head learns again which residual directions its key reads,
@@ -363,6 +375,7 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
               "planted_previous_token_head": "L0H0" if plant else None,
               "frozen_query_key": "L0H0" if freeze_plant else None,
               "init": str(init) if init else None,
+              "init_summary": init_summary(init) if init else None,
               "supervised_previous_token_head": f"L{supervise[0]}H{supervise[1]}" if supervise else None,
               "supervise_weight": supervise_weight if supervise or supervise_induction else None,
               "supervised_induction_head": (f"L{supervise_induction[0]}H{supervise_induction[1]}"
@@ -432,7 +445,8 @@ def train(out: Path, seed: int, steps: int, threads: int, batch: int, seq: int,
     return json.loads((out / "train_summary.json").read_text())
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The trainer's command line (the model card's reproduction commands use it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     ap.add_argument("--seed", type=int, default=0)
@@ -476,6 +490,11 @@ def main() -> None:
                     help="also save the model at every evaluation, in OUT/snapshots/step-N")
     ap.add_argument("--no-sinusoidal", action="store_true",
                     help="start position embeddings at random instead of sinusoids")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     attn_only = tuple(int(x) for x in args.attn_only.split(",") if x.strip())
