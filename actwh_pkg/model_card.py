@@ -84,7 +84,8 @@ def ioi_tour(db: Path) -> dict:
         toks = [t for t in tokens if t["prompt_id"] == i]
         s_pos = [t["position"] for t in toks if t["token"] == r["distractor"]]
         io_pos = [t["position"] for t in toks if t["token"] == r["target"]]
-        where[i] = {"IO": io_pos[0], "S1": s_pos[0], "S2": s_pos[1], "END": toks[-1]["position"]}
+        where[i] = {"IO": io_pos[0], "S1": s_pos[0], "S2": s_pos[1], "S2+1": s_pos[1] + 1,
+                    "END": toks[-1]["position"]}
     att: dict[tuple, float] = {}
     for p in pattern:
         att[(p["prompt_id"], p["layer"], p["head"], p["query_pos"], p["key_pos"])] = p["value"]
@@ -106,7 +107,7 @@ def ioi_tour(db: Path) -> dict:
         stats = {"in_circuits": in_circuit[lab] / n}
         for o in ("ABB", "BAB"):
             ids = [i for i in range(n) if order[i] == o]
-            for name in ("IO", "S1", "S2"):
+            for name in ("IO", "S1", "S2", "S2+1"):
                 stats[f"{o}_end_to_{name}"] = sum(
                     att.get((i, L, h, where[i]["END"], where[i][name]), 0.0) for i in ids) / len(ids)
             stats[f"{o}_s2_to_s1"] = sum(
@@ -274,12 +275,18 @@ def head_role(s: dict) -> str:
                         f"{de:+.2f}" if abs(de) > 0.5 else
                         "; little direct effect: it moves the subject's identity to the final "
                         "position (S-inhibition-like)"))
+    after_s2 = (s.get("ABB_end_to_S2+1", 0.0) + s.get("BAB_end_to_S2+1", 0.0)) / 2
+    if not parts and after_s2 >= 0.4:
+        parts.append("attends from the final position to the word after the subject's second "
+                     f"mention (S2+1: {s['ABB_end_to_S2+1']:.2f} ABB, {s['BAB_end_to_S2+1']:.2f} "
+                     "BAB), not to a name"
+                     + (f", and raises the logit difference directly ({de:+.2f})" if de > 0.5 else ""))
     if dup >= 0.3:
         parts.append(f"attends from the subject's second mention to its first ({dup:.2f}): a "
                      "duplicate-token head")
     if not parts:
         parts.append(f"no IOI-specific attention (final position → IO {io:.2f}, S1 {s1:.2f}, "
-                     f"S2 {s2:.2f}; S2 → S1 {dup:.2f}); direct effect {de:+.2f}")
+                     f"S2 {s2:.2f}, S2+1 {after_s2:.2f}; S2 → S1 {dup:.2f}); direct effect {de:+.2f}")
     return "; ".join(parts)
 
 
@@ -440,7 +447,8 @@ def render(acc: dict, tour: dict, ind: dict, summary: dict, curve: list[dict], c
           f"{c['ioi_bab_held_out_pairs']:.3f} | {c['ioi_abb_unseen_names']:.3f} | "
           f"{c['ioi_bab_unseen_names']:.3f} | {c['induction_span10']:.3f} | "
           f"{c['previous_token_head']} {c['previous_token_score']:.2f} |"
-          for c in curve[::max(1, len(curve) // 15)] + curve[-1:]], "",
+          for c in (lambda shown: shown + [c for c in curve[-1:] if c not in shown])(
+              curve[::max(1, len(curve) // 15)])], "",
         "## Held-out accuracy (top-1 next token, plain transformers, fresh seeded sample of 400 each)",
         *[f"- {text}: **{acc[k]:.3f}**" for k, text in keys], "",
         "## The IOI circuit",
@@ -457,11 +465,12 @@ def render(acc: dict, tour: dict, ind: dict, summary: dict, curve: list[dict], c
           for o, v in tour["by_order"].items()], "",
         f"Heads in at least {CIRCUIT_SHARE:.0%} of the prompts' influence circuits (the IOI heads): "
         f"**{', '.join(tour['circuit_heads']) or 'none'}**.", "",
-        "| head | in circuits | final pos → IO (ABB/BAB) | → S1 | → S2 | S2 → S1 | direct effect (ABB/BAB) |",
-        "|---|---|---|---|---|---|---|",
+        "| head | in circuits | final pos → IO (ABB/BAB) | → S1 | → S2 | → S2+1 | S2 → S1 | direct effect (ABB/BAB) |",
+        "|---|---|---|---|---|---|---|---|",
         *[f"| {lab} | {s['in_circuits']:.0%} | {s['ABB_end_to_IO']:.2f}/{s['BAB_end_to_IO']:.2f} | "
           f"{s['ABB_end_to_S1']:.2f}/{s['BAB_end_to_S1']:.2f} | "
           f"{s['ABB_end_to_S2']:.2f}/{s['BAB_end_to_S2']:.2f} | "
+          f"{s['ABB_end_to_S2+1']:.2f}/{s['BAB_end_to_S2+1']:.2f} | "
           f"{s['ABB_s2_to_s1']:.2f}/{s['BAB_s2_to_s1']:.2f} | "
           f"{s['ABB_direct_effect']:+.2f}/{s['BAB_direct_effect']:+.2f} |"
           for lab, s in heads.items() if s["in_circuits"] >= 0.25], "",
@@ -469,7 +478,10 @@ def render(acc: dict, tour: dict, ind: dict, summary: dict, curve: list[dict], c
         *[f"- {e['up']} → {e['down']}{'.' + e['input'] if e['input'] else ''} ({e['share']:.0%})"
           for e in tour["edges"]], "",
         "What the heads do (measured, per head):", "",
-        *[f"- **{lab}**: {head_role(heads[lab])}." for lab in tour["circuit_heads"]], "",
+        *[f"- **{lab}**: {head_role(heads[lab])}"
+          + (f"; it is the induction circuit's previous-token head (score "
+             f"{ind['previous_token_score']:.2f}, next section)" if lab == ind["previous_token_head"]
+             else "") + "." for lab in tour["circuit_heads"]], "",
         *story(tour), "",
         *([f"{ind['induction_head']} is also the induction head of the next section: one head "
            "serves both tasks.", ""] if ind["induction_head"] in tour["circuit_heads"] else []),
