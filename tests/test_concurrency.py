@@ -74,7 +74,10 @@ def test_twenty_simultaneous_starts_make_twenty_runs(tmp_path, gpt2_dir):
     assert sorted(r[1] for r in runs) == sorted(f"start{i}" for i in range(20))  # one run each
     assert {r[2] for r in runs} == {"complete"} and per_run == [(i, 2) for i in range(1, 21)]
     invariants(db)
-    assert sorted(p.name for p in tmp_path.iterdir() if "wh.duckdb" in p.name) == ["wh.duckdb"]
+    # no half-made file or staging folder left: only the warehouse and its runs' lock file
+    # (runlock.py: empty, kept, its locks gone with their processes)
+    assert sorted(p.name for p in tmp_path.iterdir() if "wh.duckdb" in p.name) == [".wh.duckdb.runs.lock",
+                                                                                  "wh.duckdb"]
 
 
 def _full_disk():
