@@ -311,10 +311,12 @@ def supervision(summary: dict) -> str:
     if summary.get("supervised_induction_head"):
         parts.append(f"{summary['supervised_induction_head']}'s toward the token after the "
                      "previous occurrence of the current one (`--supervise-induction`)")
+    restarted = (f", after restarting {summary['reinitialised_key']}'s key weights "
+                 "(`--reinit-key`)" if summary.get("reinitialised_key") else "")
     if not parts:
-        return ""
+        return restarted
     return (f", with an added loss (weight {summary.get('supervise_weight', 1.0)}) pulling "
-            + " and ".join(parts))
+            + " and ".join(parts) + restarted)
 
 
 def supervised_note(summary: dict) -> str:

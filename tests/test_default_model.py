@@ -615,6 +615,8 @@ def test_the_cards_training_commands_are_the_recorded_runs():
                                                                 run["lr"])
         assert args.supervise_previous_token == run.get("supervised_previous_token_head")
         assert args.supervise_induction == run.get("supervised_induction_head")
+        assert args.reinit_key == run.get("reinitialised_key")
+        assert args.abb_share == run.get("ioi_abb_share", 0.5)
         if k < len(chain):  # an earlier run: stopped at its best checkpoint, written where the next reads
             assert str(args.out) == f"run{k}" and args.stop_at in (None, run["step"])
         if k > 1:
