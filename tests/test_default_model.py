@@ -69,15 +69,9 @@ def ioi_sentences(names_or_pairs, order: str, n: int, seed: int):
     return out
 
 
-# Issue 17's first acceptance point, not met in one case by the shipped model: on names never
-# used in IOI training it names the indirect object 88% of the time when it comes second (the
-# card's sample: 0.940; this test's: 0.883). Strict: a model that passes removes the mark.
-UNSEEN_BAB = pytest.mark.xfail(strict=True, reason="issue 17: the shipped model reaches 0.883 "
-                               "(threshold 0.95) in the BAB order on names never used in IOI")
-
-
+# Issue 17's first acceptance point.
 @pytest.mark.parametrize("order,names", [
-    ("ABB", "unseen_names"), pytest.param("BAB", "unseen_names", marks=UNSEEN_BAB),
+    ("ABB", "unseen_names"), ("BAB", "unseen_names"),
     ("ABB", "held_out_pairs"), ("BAB", "held_out_pairs")])
 def test_ioi_in_each_order_on_held_out_names(hf, order, names):
     from actwh.compute.default_model.corpus import NameSplit
