@@ -315,3 +315,16 @@ def test_a_run_being_written_is_neither_deleted_nor_resumed_by_another_process(t
                        text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
     assert invariants(db) == (1, 24, [("complete",)])
+
+
+def test_a_finished_populate_releases_its_run_in_a_living_process(tmp_path, gpt2_dir):
+    """The claim ends with the populate call, not with the process: a notebook that populated a
+    run lets another process delete it while the notebook lives on."""
+    from actwh.runner import PopulateOptions, populate
+
+    db = tmp_path / "wh.duckdb"
+    opts = PopulateOptions(prompts=str(write_prompts(tmp_path / "p.jsonl")), model=str(gpt2_dir))
+    run = populate(db, opts, progress=False).run_id
+    r = subprocess.run([*ACTWH, "runs", "--delete", str(run), "--db", str(db)], capture_output=True,
+                       text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -596,13 +596,18 @@ def test_the_cards_training_commands_are_the_recorded_runs():
     """The card's reproduction commands parse with the trainer's own command line, chain their
     runs (--out runK, then --init runK) and carry each run's recorded options."""
     from actwh.compute.default_model.train import parser
-    from actwh.model_card import lineage
+    from actwh.model_card import lineage, training_paragraph
 
     summary = json.loads((WEIGHTS / "train_summary.json").read_text())
+    curve = [json.loads(line) for line in (WEIGHTS / "train_log.jsonl").read_text().splitlines()]
+    paragraph = training_paragraph({**summary, "stopped_at": curve[-1]["step"]})
     text = " ".join(CARD.read_text().split())
-    commands = re.findall(r"`python -m actwh\.compute\.default_model\.train ([^`]*)`", text)
+    assert " ".join(paragraph.split()) in text  # the card is what the card script writes now
+    commands = re.findall(r"`python -m actwh\.compute\.default_model\.train ([^`]*)`", paragraph)
     chain = lineage(summary)
     assert len(commands) == len(chain) >= 1
+    count = ["one", "two", "three", "four", "five", "six", "seven", "eight"][len(chain) - 1]
+    assert len(chain) == 1 or f"trained in {count} runs" in " ".join(README.read_text().split())
     for k, (command, run) in enumerate(zip(commands, chain), 1):
         args = parser().parse_args(shlex.split(command))
         assert (args.steps, args.seed, args.batch, args.lr) == (run["steps"], run["seed"], run["batch"],
@@ -641,3 +646,17 @@ def test_card_ioi_heads_attend_where_the_card_says():
                 pat = model(torch.tensor([ids]), output_attentions=True).attentions[L][0, h, -1]
             weights.append(pat[s2 + 1].item())
         assert sum(weights) / len(weights) >= 0.4, (head, weights)
+
+
+def test_a_continued_run_records_the_whole_chain_it_continued_from(tmp_path):
+    """init_summary nests each earlier run's summary, also under a summary written before nesting
+    existed (which names its init folder only)."""
+    from actwh.compute.default_model.train import init_summary
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "train_summary.json").write_text(json.dumps({"step": 1, "init": None}))
+    (tmp_path / "b" / "train_summary.json").write_text(json.dumps({"step": 2, "init": str(tmp_path / "a")}))
+    got = init_summary(tmp_path / "b")
+    assert got["step"] == 2 and got["init_summary"] == {"step": 1, "init": None}
+    assert init_summary(tmp_path / "missing") is None
