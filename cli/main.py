@@ -287,8 +287,9 @@ def runs(db, delete, fmt) -> None:
         from actwh.warehouse.spec import parse_spec
 
         Warehouse(db).require_run(delete)  # refuse before opening the file for writing,
-        if parse_spec(db).kind == "file":  # and while a populate is writing the run
-            runlock.check(parse_spec(db).path, delete, "delete")
+        spec = parse_spec(db)
+        if spec.kind == "file":  # and while a populate is writing the run
+            runlock.check(spec.path, delete, "delete")
         removed = WarehouseWriter(db, NODE_TYPES, tuple(SCALARS)).delete_run(delete)
         click.echo(f"run {delete} deleted ({removed['prompts']} prompts, "
                    f"{removed['node_scalars']:,} node rows, {removed['pair_scalars']:,} pair rows, "
