@@ -14,9 +14,13 @@ Circuits come from the run's stored edges (summed over positions), per prompt:
 - `influence`: circuit-tracer's influence pruning (sizes: edge thresholds, the cumulative
   influence fraction of edges kept, at `--node-threshold`);
 - `circuit`: a stored circuit (`circuits` table) applied to every prompt.
-Each size of a batch costs one patched forward pass; one more pass per batch gives the baseline
-(the corrupted run, or everything patched), shared by all sizes; the clean metric is the one
-populate stored (a clean pass only where it stored none).
+Each size of a batch costs one patched forward pass that runs only the nodes its circuits read
+(heads and MLPs with a kept out-edge in some prompt of the batch; the rest stand in with their
+baseline writes) and unembeds only the scored positions. Per batch, one full pass over the
+corrupted prompts gives the baseline writes and the all-patched end point, shared by all sizes
+(under zero and mean baselines no node runs for it); the clean metric is the one populate stored
+(a clean pass only where it stored none). So k sizes of small circuits cost less than k forward
+passes (benchmarks/bench_evaluate.py, `evaluate_whole_cost`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -347,13 +351,18 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
             chunk = encoded[start:start + opts.batch_size]
             batch, bad = make_batch(loaded, chunk, corrupt)
             batch = batch.to(model.device)
+            # a metric read at one position per prompt needs only those positions' logits
+            at = None if run["target"] == "loss" else batch.scored_positions
+            scored = batch if at is None else replace(batch, positions=torch.zeros_like(at))
             if corrupt:  # one pass gives the baseline writes and the baseline (= all patched) run
-                base, bad_logits = upstream_writes(model, bad, batch.mask, with_logits=True)
-                low = target.metric(bad_logits, batch).double().cpu()
-            else:
+                base, bad_logits = upstream_writes(model, bad, batch.mask, with_logits=True,
+                                                   positions=at)
+                low = target.metric(bad_logits, scored).double().cpu()
+            else:  # all patched: no node runs, the target reads the baseline writes' sum
                 base = baseline_writes(model, batch, means if means is not None else "zero")
                 none = torch.zeros(full.shape, dtype=torch.bool)
-                low = target.metric(run_patched(model, batch, none, base=base), batch).double().cpu()
+                low = target.metric(run_patched(model, batch, none, base=base, positions=at),
+                                    scored).double().cpu()
             clean = stored_clean(chunk)
             if clean is None:
                 clean = target.metric(model(batch.tokens, batch.mask), batch).double().cpu()
@@ -377,8 +386,8 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
                 if key in seen:  # the same circuits as an earlier size: no second pass
                     metric = seen[key]
                 else:
-                    logits = run_patched(model, batch, masks, base=base)
-                    metric = seen[key] = target.metric(logits, batch).double().cpu()
+                    logits = run_patched(model, batch, masks, base=base, positions=at)
+                    metric = seen[key] = target.metric(logits, scored).double().cpu()
                 for i, e in enumerate(chunk):
                     add(i, plans[e.prompt_id][k][0], int(masks[i].sum()), n_nodes(masks[i], index),
                         metric[i])

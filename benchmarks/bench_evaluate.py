@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common import emit, gpt2_small_shaped, timeit_pair
+from common import emit, gpt2_small_shaped, timeit, timeit_pair
 
 
 def main() -> None:
@@ -60,47 +60,112 @@ def main() -> None:
         ours, theirs = timeit_pair(patched, bare, repeat=3)
         common = dict(device=device, model=name, batch=args.batch, seq=args.seq, sizes=args.sizes)
         emit("evaluate_circuit_sizes", ours, "s/batch", "bare_forward_per_size", theirs, **common)
-        calls = [0]
-        hook = model.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-        patched()
-        hook.remove()
-        emit("evaluate_forward_passes", calls[0], "passes/batch", "sizes", args.sizes, **common)
     whole_evaluate(args)
 
 
-def whole_evaluate(args) -> None:
-    """Every forward pass of `evaluate` (any entry into the model), per batch, per baseline."""
-    import json
+def gpt2_small_ioi(folder: Path) -> Path:
+    """A random GPT-2-small-shaped checkpoint (GPT-2's vocabulary size) with the default model's
+    tokenizer, so the default IOI prompts run on it."""
+    import shutil
 
+    import transformers as T
+
+    from actwh.compute.loading import DEFAULT_MODEL_DIR
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = T.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=2)
+        T.GPT2LMHeadModel(cfg).save_pretrained(folder)
+        for f in Path(DEFAULT_MODEL_DIR).iterdir():
+            if "token" in f.name or f.name.endswith((".txt", ".model")) or f.name == "vocab.json":
+                shutil.copy(f, folder / f.name)
+    return folder
+
+
+def whole_evaluate(args) -> None:
+    """A whole `actwh evaluate` of k top-n sizes (the default sizes' first k) on circuits from a
+    real run (EAP, corrupt baseline, every edge stored): the model's time per batch (the
+    baseline run and every patched pass, timed around each call) against k bare forward passes
+    of the same batches, timed in the same process; and the nodes (attention heads, MLPs) those
+    passes ran, in full forward passes' worth."""
+    import json
+    import time
+
+    from actwh.compute import patching
     from actwh.compute.default_model import PROMPTS
-    from actwh.compute.model import HookedTransformer
-    from actwh.evaluate import EvalOptions, evaluate
+    from actwh.compute.loading import DEFAULT_MODEL_DIR, load_model
+    from actwh.compute.model import MLP, Attention
+    from actwh.evaluate import DEFAULT_SIZES, EvalOptions, evaluate
     from actwh.runner import EdgeOptions, PopulateOptions, populate
 
     tmp = Path(tempfile.mkdtemp())
     rows = [json.loads(x) for x in open(PROMPTS / "ioi.jsonl")][: args.batch * 2]
     prompts = tmp / "ioi.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    db = tmp / "wh.duckdb"
-    populate(db, PopulateOptions(prompts=str(prompts), scalars=("attn_act_times_grad",),
-                                 edges=EdgeOptions(baseline="corrupt"), batch_size=args.batch),
-             progress=False)
-    calls = [0]
-    forward = HookedTransformer.forward
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = [("default", Path(DEFAULT_MODEL_DIR)),
+              ("gpt2-small-shaped-random", gpt2_small_ioi(Path(tempfile.gettempdir()) / "actwh-bench-gpt2-ioi"))]
+    for name, folder in models:
+        db = tmp / f"{name}.duckdb"
+        populate(db, PopulateOptions(prompts=str(prompts), model=str(folder), device=device,
+                                     edges=EdgeOptions(baseline="corrupt", select="dense"),
+                                     batch_size=args.batch), progress=False)
+        model = load_model(folder, device=device).model
+        cfg = model.cfg
+        per_pass = cfg.n_layers * (cfg.n_heads + 1)
+        spent, batches, work = [0.0], [], [0]
 
-    def counting(self, *a, **k):
-        calls[0] += 1
-        return forward(self, *a, **k)
-    HookedTransformer.forward = counting
-    try:
-        for baseline in ("corrupt", "zero"):
-            calls[0] = 0
-            sizes = tuple(range(1, args.sizes + 1))
-            evaluate(db, 1, EvalOptions("top-n", sizes, baseline, None, batch_size=args.batch))
-            emit("evaluate_whole_forward_passes", calls[0] / 2, "passes/batch", "sizes",
-                 args.sizes, model="default", batch=args.batch, baseline_kind=baseline)
-    finally:
-        HookedTransformer.forward = forward
+        def sync():
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        def timed(fn, keep_batch):
+            def wrapper(m, b, *a, **k):
+                sync()
+                t0 = time.perf_counter()
+                out = fn(m, b, *a, **k)
+                sync()
+                spent[0] += time.perf_counter() - t0
+                if keep_batch:
+                    batches.append((b.tokens, b.mask))
+                return out
+            return wrapper
+        saved = (patching.upstream_writes, patching.run_patched, Attention.attend, MLP.forward)
+        attend, mlp_forward = saved[2], saved[3]
+        patching.run_patched = timed(patching.run_patched, True)
+        patching.upstream_writes = lambda m, tokens, *a, _f=timed(saved[0], False), **k: _f(m, tokens, *a, **k)
+        Attention.attend = lambda self, q, *a, **k: work.__setitem__(0, work[0] + q.shape[2]) or attend(self, q, *a, **k)
+        MLP.forward = lambda self, x: work.__setitem__(0, work[0] + 1) or mlp_forward(self, x)
+        try:
+            for baseline in ("corrupt", "zero"):
+                for k in range(1, len(DEFAULT_SIZES["top-n"]) + 1):
+                    sizes = DEFAULT_SIZES["top-n"][:k]
+                    evaluate(db, 1, EvalOptions("top-n", sizes, baseline, None, device=device,
+                                                batch_size=args.batch))  # warm
+                    spent[0], work[0] = 0.0, 0
+                    batches.clear()
+                    evaluate(db, 1, EvalOptions("top-n", sizes, baseline, None, device=device,
+                                                batch_size=args.batch))
+                    shapes = list({(t.data_ptr(), t.shape): (t, m) for t, m in batches}.values())
+                    n_batches = len(shapes)
+                    nodes = work[0] / n_batches / per_pass
+                    Attention.attend, MLP.forward = attend, mlp_forward
+
+                    def bare():
+                        with torch.no_grad():
+                            for t, m in shapes:
+                                model(t, m)
+                    one = timeit(bare, repeat=5) / n_batches
+                    Attention.attend = lambda self, q, *a, **kw: work.__setitem__(0, work[0] + q.shape[2]) or attend(self, q, *a, **kw)
+                    MLP.forward = lambda self, x: work.__setitem__(0, work[0] + 1) or mlp_forward(self, x)
+                    ours = spent[0] / n_batches
+                    emit("evaluate_whole_cost", ours, "s/batch", "bare_forward_x_sizes", one * k,
+                         device=device, model=name, batch=args.batch, sizes=k,
+                         baseline_kind=baseline, forward_passes=round(ours / one, 3),
+                         node_passes=round(nodes, 3))
+        finally:
+            patching.upstream_writes, patching.run_patched, Attention.attend, MLP.forward = saved
 
 
 if __name__ == "__main__":

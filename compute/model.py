@@ -248,25 +248,37 @@ class Attention(nn.Module):
             self.k_norm = Norm(cfg, e if per_head else kv * e, "rmsnorm")
 
     def forward(self, x, mask, cos, sin):
-        cfg = self.cfg
         q = self.hook_q(plus_bias(self, torch.einsum("bpd,hde->bphe", x, self.W_Q), "b_Q"))
         k = self.hook_k(plus_bias(self, torch.einsum("bpd,hde->bphe", x, self.W_K), "b_K"))
         v = self.hook_v(plus_bias(self, torch.einsum("bpd,hde->bphe", x, self.W_V), "b_V"))
+        z = self.attend(q, k, v, mask, cos, sin)
+        return plus_bias(self, z.flatten(2) @ self.W_O.flatten(0, 1), "b_O")  # [batch, pos, d_model]
+
+    def attend(self, q, k, v, mask, cos, sin, kv_of: torch.Tensor | None = None) -> torch.Tensor:
+        """z [batch, pos, heads, d_head] from the projections (before q/k norms and rotary).
+
+        q holds every query head and k, v every key/value head; or, with `kv_of`, q holds some
+        query heads, k and v some key/value heads and kv_of[i] is the index in k/v of query head
+        i's key/value head (patching computes only the heads a circuit needs; not with
+        qk_norm "all", which normalises across every head)."""
+        cfg = self.cfg
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         elif cfg.qk_norm == "all":
             q, k = self.q_norm(q.flatten(2)).view_as(q), self.k_norm(k.flatten(2)).view_as(k)
         if cfg.rotary_dim:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        k, v = expand_kv(k, cfg.n_heads, dim=2), expand_kv(v, cfg.n_heads, dim=2)
+        if kv_of is None:
+            k, v = expand_kv(k, cfg.n_heads, dim=2), expand_kv(v, cfg.n_heads, dim=2)
+        else:
+            k, v = k[:, :, kv_of], v[:, :, kv_of]
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.attn_scalar or cfg.d_head)
         if cfg.attn_softcap:
             scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
         scores = self.hook_attn_scores(scores.masked_fill(mask, float("-inf")))  # mask: hidden keys
-        wide = torch.promote_types(x.dtype, torch.float32)  # softmax never below float32
-        pattern = self.hook_pattern(scores.to(wide).softmax(-1).to(x.dtype))
-        z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))
-        return plus_bias(self, z.flatten(2) @ self.W_O.flatten(0, 1), "b_O")  # [batch, pos, d_model]
+        wide = torch.promote_types(q.dtype, torch.float32)  # softmax never below float32
+        pattern = self.hook_pattern(scores.to(wide).softmax(-1).to(q.dtype))
+        return self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))
 
 
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
@@ -480,7 +492,20 @@ class HookedTransformer(nn.Module):
         """Position of each token counted over real tokens only, so left padding shifts nothing."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None):
+        """Logits [batch, pos, d_vocab]; with `positions` [batch] (one per prompt), only those
+        positions' logits [batch, 1, d_vocab] (the rest of the unembedding is skipped)."""
+        x, masks, rot = self.embed(tokens, attention_mask)
+        for block in self.blocks:
+            kind = "sliding" if block.attn.sliding else "full"
+            cos, sin = rot.get(kind, (None, None))
+            x = block(x, masks[kind], cos, sin)
+        return self.unembed(x, positions)
+
+    def embed(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(the embeddings' sum [batch, pos, d_model], each layer kind's mask of hidden keys,
+        each layer kind's rotary (cos, sin)): what every block reads besides the stream."""
         cfg = self.cfg
         batch, n = tokens.shape
         if n > cfg.n_ctx:
@@ -524,10 +549,14 @@ class HookedTransformer(nn.Module):
         if cfg.sliding_window is not None:
             window = causal & (idx[:, None] - idx[None, :] < cfg.sliding_window)
             masks["sliding"] = ~((window & real[:, None, None, :]) | eye)
-        for block in self.blocks:
-            kind = "sliding" if block.attn.sliding else "full"
-            cos, sin = rot.get(kind, (None, None))
-            x = block(x, masks[kind], cos, sin)
+        return x, masks, rot
+
+    def unembed(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from the last residual stream [batch, pos, d_model]; with `positions` [batch],
+        only those positions' [batch, 1, d_vocab]."""
+        cfg = self.cfg
+        if positions is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), positions.to(x.device)][:, None]
         logits = plus_bias(self, self.ln_final(x) @ self.W_U, "b_U")  # [batch, pos, d_vocab]
         if cfg.final_softcap:
             cap = cfg.final_softcap
@@ -565,9 +594,11 @@ class HookedTransformer(nn.Module):
                        attention_mask: torch.Tensor | None = None,
                        backward_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
                        grad_names: Sequence[str] | None = None,
-                       fwd_hooks: Iterable[tuple[str, HookFn]] = ()) -> Cache:
+                       fwd_hooks: Iterable[tuple[str, HookFn]] = (),
+                       positions: torch.Tensor | None = None) -> Cache:
         """Forward values of `names` and, with `backward_of(logits) -> scalar`, the gradients of
-        that scalar at `grad_names` (default: `names`). Nothing else is kept."""
+        that scalar at `grad_names` (default: `names`). Nothing else is kept. positions [batch]:
+        the logits at those positions only (see `forward`)."""
         grad_names = list(names if grad_names is None else grad_names) if backward_of else []
         for name in [*names, *grad_names]:
             self.hook_point(name)
@@ -579,7 +610,7 @@ class HookedTransformer(nn.Module):
 
         with torch.set_grad_enabled(backward_of is not None), \
                 self.hooks([*fwd_hooks, *((n, keep) for n in wanted)]):
-            logits = self(tokens, attention_mask)
+            logits = self(tokens, attention_mask, positions=positions)
             metric = backward_of(logits) if backward_of else None
         grads: dict[str, torch.Tensor] = {}
         if backward_of is not None:

@@ -18,6 +18,10 @@ are never patched; an MLP node's write includes its output bias. Under post-subl
 (Gemma 2/3, OLMo 2) a head's write is z_h W_O_h through its post-norm's gain in the same run
 (model.write_gain), so writes still sum to the residual stream and both exactness properties hold.
 
+Only the circuit's nodes run (`run_patched(sparse=...)`): a node none of whose out-edges is kept
+is read as its baseline write everywhere, so its baseline write stands in for it in the stream
+and neither it nor its inputs are computed; an attention layer runs only the heads it must.
+
 Node sets: `run_nodes_patched` replaces the writes of every node outside a kept set (heads,
 whole MLPs, neurons, autoencoder latents) by their baseline values, i.e. activation patching.
 """
@@ -69,12 +73,15 @@ def _expert_writes(model, L, post, acts) -> torch.Tensor:
 
 
 def upstream_writes(model: HookedTransformer, tokens: torch.Tensor,
-                    mask: torch.Tensor | None = None, *, with_logits: bool = False):
+                    mask: torch.Tensor | None = None, *, with_logits: bool = False,
+                    positions: torch.Tensor | None = None):
     """Every upstream node's write on `tokens` (run with attention mask `mask`). [b, p, U, d]
-    With `with_logits`, (writes, logits) of that one pass."""
+    With `with_logits`, (writes, logits) of that one pass (logits at `positions` only, if given:
+    [b, 1, vocab])."""
     with torch.no_grad():
         cache = model.run_with_cache(tokens.to(model.device), write_sites(model),
-                                     attention_mask=None if mask is None else mask.to(model.device))
+                                     attention_mask=None if mask is None else mask.to(model.device),
+                                     positions=positions)
     writes = writes_from(model, cache.acts)
     return (writes, cache.logits) if with_logits else writes
 
@@ -177,14 +184,23 @@ def _apply_norm(norm, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="zero", *,
-                base: torch.Tensor | None = None) -> torch.Tensor:
+                base: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                sparse: bool | None = None) -> torch.Tensor:
     """Logits [b, p, vocab] of one forward pass with only `keep_edges` carrying clean writes.
 
     keep_edges: a bool mask [U, V] (every prompt) or [b, U, V] (one circuit per prompt) over
     (`upstream_nodes`, `downstream_nodes`), or an iterable of (upstream, downstream) Node pairs;
     pairs that are not edges (u not upstream of v) are ignored. baseline: see `baseline_writes`;
     `base` passes precomputed baseline writes [b, p, U, d] instead (several circuits, one
-    baseline run).
+    baseline run). positions [b]: only those positions' logits [b, 1, vocab].
+
+    sparse (None: wherever it applies): compute only the circuit's nodes. A node none of whose
+    out-edges is kept writes its baseline value wherever it is read, so it need not run: its
+    baseline write stands in for it in the stream, heads and MLPs outside every prompt's circuit
+    are skipped (an attention layer runs only its needed heads) and so are their inputs. It
+    applies to models without post-sublayer norms (there a head's write depends on every head of
+    its layer through the norm's scale), mixtures of experts, spliced autoencoders or hooks
+    attached by the caller; elsewhere every node runs, through hooks on the model's own forward.
     """
     batch = batch.to(model.device)
     cfg = model.cfg
@@ -200,6 +216,13 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
         keep = keep[None].expand(b, U, V)
     if base is None:
         base = baseline_writes(model, batch, baseline)
+    if sparse is None:
+        sparse = sparse_applies(model)
+    elif sparse and not sparse_applies(model):
+        raise ActwhError("sparse patching does not apply to this model (post-sublayer norms, "
+                         "experts, spliced autoencoders or hooks attached)")
+    if sparse:
+        return _run_sparse(model, batch, keep, base, positions)
     dtype = model.W_E.dtype
     # patch[b, u, v] = 1 where the edge u → v carries the baseline write
     patch = (allowed_edges(model).to(model.device)[None] & ~keep).to(dtype)
@@ -283,7 +306,110 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
         return None if d is None else _normalized(model.ln_final, live[last] - d[:, :, 0])
     hooks.append(("ln_final.hook_normalized", target_in))
     with torch.no_grad(), model.hooks(hooks):
-        return model(batch.tokens, batch.mask)
+        return model(batch.tokens, batch.mask, positions=positions)
+
+
+def sparse_applies(model: HookedTransformer) -> bool:
+    """Whether `run_patched` can skip the nodes outside a circuit (see there)."""
+    from actwh.compute.sae import spliced
+
+    cfg = model.cfg
+    hooked = any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_points.values())
+    return not (cfg.post_norm or cfg.n_experts or spliced(model) or hooked)
+
+
+def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base: torch.Tensor,
+                positions: torch.Tensor | None) -> torch.Tensor:
+    """`run_patched` computing only the nodes with a kept out-edge (in some prompt).
+
+    The stream carries, for each upstream node u, its write out_u in this run where u runs and
+    its baseline write base_u where it does not (plus the attention output biases, as in the
+    model's own stream); v's input is that stream minus Σ over the nodes that ran and whose edge
+    into v is patched of (out_u − base_u). So each input is Σ_kept out_u + Σ_patched base_u +
+    biases, as in the hooked pass, and a node that does not run is patched on all its out-edges."""
+    cfg = model.cfg
+    dev = model.device
+    H, KV = cfg.n_heads, cfg.n_kv_heads
+    group = H // KV
+    allowed = allowed_edges(model).to(dev)
+    keep = keep & allowed[None]
+    patch = allowed[None] & ~keep  # [b, U, V]
+    needed = keep.any(dim=(0, 2)).cpu()  # [U]: some prompt reads this node's own write
+    ran: list[int] = []  # upstream nodes that ran, in order
+    diffs: list[torch.Tensor] = []  # their out − base [b, p, d]
+
+    def delta(cols: slice, sel: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Σ over ran nodes of patched (out_u − base_u) into downstream `cols` (the `sel` among
+        them): [b, p, n, d], or None when nothing that ran is patched there."""
+        if not ran:
+            return None
+        m = patch[:, ran, cols]
+        if sel is not None:
+            m = m[:, :, sel]
+        if not bool(m.any()):
+            return None
+        return torch.einsum("bpud,bun->bpnd", torch.stack(diffs, dim=2), m.to(base.dtype))
+
+    def record(u: int, out: torch.Tensor) -> None:
+        ran.append(u)
+        diffs.append(out - base[:, :, u])
+
+    x, masks, rot = model.embed(batch.tokens, batch.mask)
+    if bool(needed[0]):
+        record(0, x)
+        resid = x
+    else:
+        resid = base[:, :, 0]
+    u, col = 1, 0
+    for L, block in enumerate(model.blocks):
+        attn = block.attn
+        cos, sin = rot.get("sliding" if attn.sliding else "full", (None, None))
+        heads = needed[u:u + H].nonzero()[:, 0]
+        if cfg.qk_norm == "all" and len(heads):
+            heads = torch.arange(H)  # the q/k norms mix every head
+        running = set(heads.tolist())
+        skipped = [h for h in range(H) if h not in running]
+        attn_out = sum((base[:, :, u + h] for h in skipped), torch.zeros_like(resid))
+        if len(heads):
+            kvs = torch.unique(heads // group)
+            kv_of = torch.searchsorted(kvs, heads // group).to(dev)
+            hd, kd = heads.to(dev), kvs.to(dev)
+
+            def project(cols, sel, W, b):
+                d = delta(cols, sel)
+                if d is None:
+                    return torch.einsum("bpd,hde->bphe", block.ln1(resid), W[sel]) + b[sel]
+                x_in = _apply_norm(block.ln1, resid[:, :, None, :] - d)
+                return torch.einsum("bphd,hde->bphe", x_in, W[sel]) + b[sel]
+            q = project(slice(col, col + H), hd, attn.W_Q, attn.b_Q)
+            k = project(slice(col + H, col + H + KV), kd, attn.W_K, attn.b_K)
+            v = project(slice(col + H + KV, col + H + 2 * KV), kd, attn.W_V, attn.b_V)
+            z = attn.attend(q, k, v, masks["sliding" if attn.sliding else "full"], cos, sin,
+                            kv_of=None if len(heads) == H else kv_of)
+            if len(heads) == H:  # as the model adds them, so an unpatched run is the clean one
+                attn_out = z.flatten(2) @ attn.W_O.flatten(0, 1)
+            writes = torch.einsum("bphe,hed->bphd", z, attn.W_O[hd])
+            for j, h in enumerate(heads.tolist()):  # a head that ran but is not needed (the
+                if len(heads) < H:                     # q/k norms) is patched wherever it is read
+                    attn_out = attn_out + writes[:, :, j]
+                record(u + h, writes[:, :, j])
+        if "b_O" not in attn.absent_biases:
+            attn_out = attn_out + attn.b_O
+        col += H + 2 * KV
+        u += H
+        mid = resid + attn_out
+        if bool(needed[u]):
+            d = delta(slice(col, col + 1))
+            x_in = resid if cfg.parallel else mid
+            mlp_out = block.mlp(block.ln2(x_in if d is None else x_in - d[:, :, 0]))
+            record(u, mlp_out)
+        else:
+            mlp_out = base[:, :, u]
+        resid = mid + mlp_out
+        col += 1
+        u += 1
+    d = delta(slice(col, col + 1))
+    return model.unembed(resid if d is None else resid - d[:, :, 0], positions)
 
 
 # --- node-level patching: activation patching of node writes ----------------------------------

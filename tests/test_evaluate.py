@@ -325,19 +325,41 @@ def test_default_model_influence_circuit_faithfulness(tmp_path):
 
 
 @pytest.mark.parametrize("baseline", ["corrupt", "zero"])
-def test_k_sizes_cost_k_patched_passes_plus_one_baseline_pass(wh_eval, monkeypatch, baseline):
-    """#20 acc. 6: per batch, one pass per circuit size and one for the baseline, no clean pass
-    (populate stored the clean metric); the faithfulness end points still come out 0 and 1."""
-    from actwh.compute.model import HookedTransformer
+def test_k_sizes_cost_at_most_k_forward_passes(wh_eval, monkeypatch, baseline):
+    """#20 acc. 6, counted in node evaluations (a head's attention, an MLP): per batch the baseline
+    run (the corrupted prompts: every node once; zero: none) and one pass per size that runs
+    only the nodes its circuits read, so k sizes cost the top-n circuits' own nodes plus one
+    full pass, at most k full passes here; no clean pass (populate stored the clean metric).
+    The faithfulness end points still come out 0 and 1."""
+    from actwh.compute import patching
+    from actwh.compute.model import MLP, Attention, HookedTransformer
 
-    db, _ = wh_eval
-    calls = []
-    forward = HookedTransformer.forward
+    db, gpt2_dir = wh_eval
+    full, sparse, work = [], [], []
+    forward, run_sparse = HookedTransformer.forward, patching._run_sparse
+    attend, mlp_forward = Attention.attend, MLP.forward
     monkeypatch.setattr(HookedTransformer, "forward",
-                        lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+                        lambda self, *a, **k: full.append(1) or forward(self, *a, **k))
+    monkeypatch.setattr(patching, "_run_sparse",
+                        lambda *a, **k: sparse.append(1) or run_sparse(*a, **k))
+    monkeypatch.setattr(Attention, "attend",
+                        lambda self, q, *a, **k: work.append(q.shape[2]) or attend(self, q, *a, **k))
+    monkeypatch.setattr(MLP, "forward", lambda self, x: work.append(1) or mlp_forward(self, x))
     sizes = (2, 5, 9, 10_000)
-    res = evaluate(db, 1, EvalOptions("top-n", sizes, baseline, (0, 1, 2, 3), batch_size=2))
-    assert len(calls) == 2 * (len(sizes) + 1)  # two batches of two prompts
+    prompts = (0, 1, 2, 3)
+    res = evaluate(db, 1, EvalOptions("top-n", sizes, baseline, prompts, batch_size=1))
+    cfg = load_model(gpt2_dir, device="cpu").model.cfg
+    per_pass = cfg.n_layers * (cfg.n_heads + 1)  # nodes a bare forward pass runs
+    expected = 0
+    for p in prompts:  # a batch per prompt: its baseline run, then each size's circuit's nodes
+        expected += per_pass if baseline == "corrupt" else 0
+        edges = sorted(stored_edges(db, 1, p), key=lambda e: -abs(e[-1]))
+        for n in sizes:
+            expected += len({(e[0], e[1], e[2]) for e in edges[:n] if e[1] != "embed"})
+    assert sum(work) == expected
+    assert sum(work) <= len(sizes) * per_pass * len(prompts)
+    assert len(full) == (len(prompts) if baseline == "corrupt" else 0)
+    assert len(sparse) == len(prompts) * (len(sizes) + (baseline != "corrupt"))  # + all patched
     rows = Warehouse(db).sql("SELECT selection, faithfulness FROM circuit_evals WHERE eval_id = $e",
                              e=res.eval_id)
     ends = dict(rows.filter(pl.col("selection").is_in(["none", "all"])).group_by("selection")

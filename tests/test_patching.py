@@ -12,9 +12,11 @@ import torch.nn.functional as F
 
 from actwh.compute.edges import Node, downstream_nodes, upstream_nodes
 from actwh.compute.loading import load_model
+from actwh.compute.model import MLP, Attention
 from actwh.compute.patching import (allowed_edges, baseline_writes, edge_mask, mean_writes,
-                                    run_patched, upstream_writes)
+                                    run_patched, sparse_applies, upstream_writes)
 from actwh.compute.targets import Batch
+from actwh.errors import ActwhError
 
 from conftest import PROMPTS, gain_sites, padded_batch, post_gain
 
@@ -37,9 +39,26 @@ def close(a, b, mask, tol):
     return (a[real] - b[real]).abs().max().item() <= tol
 
 
+def sparse_or_skip(model, sparse):
+    """`sparse` for run_patched; where sparse patching does not apply it must refuse, then skip."""
+    if sparse and not sparse_applies(model):
+        with pytest.raises(ActwhError, match="does not apply"):
+            run_patched(model, make_batch_for(model), torch.zeros(
+                len(upstream_nodes(model)), len(downstream_nodes(model)), dtype=torch.bool), sparse=True)
+        pytest.skip("sparse patching does not apply to this family")
+    return sparse
+
+
+def make_batch_for(model):
+    tokens = torch.tensor([[3, 4, 5]])
+    return Batch(tokens, torch.ones_like(tokens), tokens[:, 0], tokens[:, 1])
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["hooks", "sparse"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_nothing_patched_is_clean_and_everything_patched_is_corrupt(tiny_model, side):
+def test_nothing_patched_is_clean_and_everything_patched_is_corrupt(tiny_model, side, sparse):
     model = tiny_model.model
+    sparse_or_skip(model, sparse)
     batch = make_batch(tiny_model.tokenizer, side=side)
     bad = corrupt_tokens(tiny_model.tokenizer, side)
     U, V = len(upstream_nodes(model)), len(downstream_nodes(model))
@@ -49,10 +68,11 @@ def test_nothing_patched_is_clean_and_everything_patched_is_corrupt(tiny_model, 
     assert not close(clean, corrupt, batch.mask, 1e-2)  # the two runs differ
     all_kept = torch.ones(U, V, dtype=torch.bool)
     none_kept = torch.zeros(U, V, dtype=torch.bool)
-    assert close(run_patched(model, batch, all_kept, bad), clean, batch.mask, 1e-5)
-    assert close(run_patched(model, batch, none_kept, bad), corrupt, batch.mask, 1e-4)
+    assert close(run_patched(model, batch, all_kept, bad, sparse=sparse), clean, batch.mask, 1e-5)
+    assert close(run_patched(model, batch, none_kept, bad, sparse=sparse), corrupt, batch.mask, 1e-4)
     # every edge patched to the clean prompt's own writes runs every patch and changes nothing
-    assert close(run_patched(model, batch, none_kept, batch.tokens), clean, batch.mask, 1e-5)
+    assert close(run_patched(model, batch, none_kept, batch.tokens, sparse=sparse), clean,
+                 batch.mask, 1e-5)
 
 
 def test_zero_and_mean_baselines_patch_everything_to_the_baseline(tiny_model):
@@ -145,8 +165,9 @@ def test_one_patched_edge_changes_its_input_by_its_write_difference(tiny_model):
             return t
         with torch.no_grad(), model.hooks([(f"blocks.1.attn.hook_{site}", swap)]):
             ref = model(batch.tokens, batch.mask)
-        got = run_patched(model, batch, keep, bad)
-        assert close(got, ref, batch.mask, 1e-5)
+        for sparse in (False, None):
+            got = run_patched(model, batch, keep, bad, sparse=sparse)
+            assert close(got, ref, batch.mask, 1e-5)
         clean = model(batch.tokens, batch.mask)
         assert not close(got, clean, batch.mask, 1e-4)  # the patch did something
 
@@ -170,6 +191,63 @@ def test_edge_pairs_and_per_prompt_masks(tiny_model):
         run_patched(model, batch, masks[:, :-1], bad)
     with pytest.raises(Exception, match="not a downstream node"):
         edge_mask(model, [(up[0], Node(0, "attn_head", 99, "q"))])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_sparse_pass_runs_only_the_circuits_nodes_and_matches_every_node_run(tiny_model, side,
+                                                                               monkeypatch):
+    """Small circuits, a different one per prompt: the sparse pass runs exactly the heads and MLPs
+    with a kept out-edge in some prompt (the key/value heads they read; whole layers and the last
+    layers skipped), and its logits, at every position or at the scored ones, equal the pass that
+    runs every node through hooks."""
+    model = tiny_model.model
+    sparse_or_skip(model, True)
+    cfg = model.cfg
+    batch = make_batch(tiny_model.tokenizer, side=side)
+    bad = corrupt_tokens(tiny_model.tokenizer, side)
+    up, down = upstream_nodes(model), downstream_nodes(model)
+    allowed = allowed_edges(model)
+    layer_of = {id(b.attn): L for L, b in enumerate(model.blocks)}
+    mlp_layer = {id(b.mlp): L for L, b in enumerate(model.blocks)}
+    ran = []
+    attend, mlp_forward = Attention.attend, MLP.forward
+    monkeypatch.setattr(Attention, "attend", lambda self, q, *a, **k: ran.append(
+        ("heads", layer_of[id(self)], q.shape[2], a[1].shape[2])) or attend(self, q, *a, **k))
+    monkeypatch.setattr(MLP, "forward", lambda self, x: ran.append(
+        ("mlp", mlp_layer[id(self)])) or mlp_forward(self, x))
+    rng = random.Random(7)
+    heads_of = lambda u: up[u].node_type == "attn_head"  # noqa: E731
+    for trial in range(4):
+        # per prompt: a few nodes of layer 0 and (trial ≥ 2) layer 1, edges among them and on
+        # to later inputs
+        masks = torch.zeros(3, len(up), len(down), dtype=torch.bool)
+        for i in range(3):
+            inside = [a for a in range(len(up)) if up[a].layer <= (1 if trial >= 2 else 0)
+                      and rng.random() < 0.3]
+            for a in inside:
+                for b in allowed[a].nonzero()[:, 0].tolist():
+                    masks[i, a, b] = rng.random() < 0.4
+        base = upstream_writes(model, bad, batch.mask)
+        ref = run_patched(model, batch, masks, bad, sparse=False)
+        pos = batch.scored_positions
+        at = run_patched(model, batch, masks, base=base, sparse=True, positions=pos)
+        ran.clear()
+        got = run_patched(model, batch, masks, base=base, sparse=True)
+        assert close(got, ref, batch.mask, 2e-5), (got - ref).abs().max()
+        assert at.shape == (3, 1, cfg.d_vocab)
+        assert (at[:, 0] - ref[torch.arange(3), pos]).abs().max() <= 2e-5
+        needed = (masks & allowed).any(dim=(0, 2))
+        want = []
+        for L in range(cfg.n_layers):
+            h = [u for u in range(len(up)) if heads_of(u) and up[u].layer == L and needed[u]]
+            if h:
+                groups = {up[u].index // (cfg.n_heads // cfg.n_kv_heads) for u in h}
+                n = cfg.n_heads if cfg.qk_norm == "all" else len(h)
+                want.append(("heads", L, n, cfg.n_kv_heads if cfg.qk_norm == "all" else len(groups)))
+            if any(up[u].node_type == "mlp" and up[u].layer == L and needed[u] for u in range(len(up))):
+                want.append(("mlp", L))
+        assert ran == want
+        assert len(want) < 2 * cfg.n_layers  # something was skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,13 +345,18 @@ def check_against_transformers(folder, batch, bad, seed, n_sets=3):
     _, base = hf_patched(hf, bad, batch.mask, set(), None)
     rng = random.Random(seed)
     pairs_all = [(a, b) for a, b in allowed.nonzero().tolist()]
-    for fraction in [0.0, 0.2, 0.6, 0.9][:n_sets + 1]:
-        chosen = [p for p in pairs_all if rng.random() < fraction]
+    # random edge sets, then circuits on a random third of the nodes (most heads, MLPs and whole
+    # layers outside them: the patched pass skips those)
+    sets = [(0.0, 1), (0.2, 1), (0.6, 1), (0.9, 1)][:n_sets + 1] + [(0.5, 0.3), (0.9, 0.3)]
+    for fraction, nodes in sets:
+        inside = {a for a in range(len(up)) if rng.random() < nodes}
+        chosen = [p for p in pairs_all if p[0] in inside and rng.random() < fraction]
         kept = {(hf_name(up[a]), hf_name(down[b])) for a, b in chosen}
         ref, _ = hf_patched(hf, batch.tokens, batch.mask, kept, base)
-        got = run_patched(model, batch, [(up[a], down[b]) for a, b in chosen], bad)
-        assert (logit_diff(got, batch) - logit_diff(ref, batch)).abs().max() <= 1e-4
-        assert close(got, ref, batch.mask, 1e-4)
+        for sparse in (False, True):  # every node through hooks; only the circuit's nodes
+            got = run_patched(model, batch, [(up[a], down[b]) for a, b in chosen], bad, sparse=sparse)
+            assert (logit_diff(got, batch) - logit_diff(ref, batch)).abs().max() <= 1e-4
+            assert close(got, ref, batch.mask, 1e-4)
     # the reference does patch: nothing kept reproduces the corrupted run
     with torch.no_grad():
         corrupt = hf(input_ids=bad, attention_mask=batch.mask,
