@@ -222,7 +222,8 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
         raise ActwhError("sparse patching does not apply to this model (post-sublayer norms, "
                          "experts, spliced autoencoders or hooks attached)")
     if sparse:
-        return _run_sparse(model, batch, keep, base, positions)
+        with torch.no_grad():
+            return _run_sparse(model, batch, keep, base, positions)
     dtype = model.W_E.dtype
     # patch[b, u, v] = 1 where the edge u → v carries the baseline write
     patch = (allowed_edges(model).to(model.device)[None] & ~keep).to(dtype)

@@ -232,8 +232,10 @@ def test_a_sparse_pass_runs_only_the_circuits_nodes_and_matches_every_node_run(t
         pos = batch.scored_positions
         at = run_patched(model, batch, masks, base=base, sparse=True, positions=pos)
         ran.clear()
-        got = run_patched(model, batch, masks, base=base, sparse=True)
+        with torch.enable_grad():
+            got = run_patched(model, batch, masks, base=base, sparse=True)
         assert close(got, ref, batch.mask, 2e-5), (got - ref).abs().max()
+        assert not got.requires_grad  # no autograd graph kept, whoever calls
         assert at.shape == (3, 1, cfg.d_vocab)
         assert (at[:, 0] - ref[torch.arange(3), pos]).abs().max() <= 2e-5
         needed = (masks & allowed).any(dim=(0, 2))
