@@ -1,7 +1,13 @@
-"""Circuit evaluation: k circuit sizes of a batch (one patched forward pass each, every
-downstream input patched per prompt) vs k bare forward passes of the same model; and how many
-forward passes a whole `actwh evaluate` of k sizes makes per batch (the baseline run included;
-the clean metric is the one populate stored), counted on the default model's IOI prompts.
+"""Circuit evaluation costs, in bare forward passes of the same batches timed in the same run.
+
+- `evaluate_circuit_sizes`: k patched passes of random circuits holding 1/(k+1) ... k/(k+1) of
+  the edges, a different one per prompt (so every node runs: the worst case) vs k bare forwards.
+- `evaluate_whole_cost`: a whole `actwh evaluate` of the first k default top-n sizes on the
+  circuits of a real run (EAP, corrupt baseline, every edge stored; the default model and a
+  random GPT-2-small-shaped one on the default IOI prompts), under the corrupt and the zero
+  baseline: the model's seconds per batch (the baseline run and every patched pass, timed around
+  each call) against k bare forward passes; `forward_passes` is that time in bare passes and
+  `node_passes` the heads and MLPs those passes ran, in full passes' worth.
 
     python benchmarks/bench_evaluate.py [--batch 8] [--seq 32] [--sizes 5]
 """

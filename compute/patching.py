@@ -323,44 +323,58 @@ def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base
                 positions: torch.Tensor | None) -> torch.Tensor:
     """`run_patched` computing only the nodes with a kept out-edge (in some prompt).
 
-    The stream carries, for each upstream node u, its write out_u in this run where u runs and
-    its baseline write base_u where it does not (plus the attention output biases, as in the
-    model's own stream); v's input is that stream minus Σ over the nodes that ran and whose edge
-    into v is patched of (out_u − base_u). So each input is Σ_kept out_u + Σ_patched base_u +
-    biases, as in the hooked pass, and a node that does not run is patched on all its out-edges."""
+    Two streams run side by side: this run's, carrying out_u for each upstream node u that ran
+    and base_u for the others (plus the attention output biases, as in the model's own stream),
+    and the baseline's, Σ base_u plus the biases. v's input is either this run's stream minus
+    Σ (out_u − base_u) over the nodes that ran and whose edge into v is patched, or the
+    baseline's stream plus Σ (out_u − base_u) over v's kept in-edges, whichever sums fewer terms
+    (the same value: Σ_kept out_u + Σ_patched base_u + biases, as in the hooked pass). An input
+    nothing that ran is patched into is this run's stream itself, so with every edge kept the
+    pass is the model's own forward; one with no kept in-edge is the baseline's stream. Which
+    nodes run and which sums are needed is worked out on the host from the masks (no device
+    synchronisation)."""
     cfg = model.cfg
     dev = model.device
     H, KV = cfg.n_heads, cfg.n_kv_heads
     group = H // KV
-    allowed = allowed_edges(model).to(dev)
-    keep = keep & allowed[None]
-    patch = allowed[None] & ~keep  # [b, U, V]
-    needed = keep.any(dim=(0, 2)).cpu()  # [U]: some prompt reads this node's own write
-    ran: list[int] = []  # upstream nodes that ran, in order
-    diffs: list[torch.Tensor] = []  # their out − base [b, p, d]
+    dtype = base.dtype
+    allowed = allowed_edges(model)
+    keep_h = keep.cpu() & allowed[None]  # [b, U, V] on the host: every decision is made here
+    patch_h = allowed[None] & ~keep_h
+    needed = keep_h.any(dim=(0, 2))  # [U]: some prompt reads this node's own write
+    keep_d = keep_h.to(dev)
+    patch_d = patch_h.to(dev)
+    buf = torch.empty_like(base)  # buf[:, :, j] = out − base of the j-th node that ran
+    ran: list[int] = []
 
-    def delta(cols: slice, sel: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Σ over ran nodes of patched (out_u − base_u) into downstream `cols` (the `sel` among
-        them): [b, p, n, d], or None when nothing that ran is patched there."""
+    def inputs(resid, low, vs: torch.Tensor):
+        """The inputs of downstream columns `vs` (host LongTensor): [b, p, d] when they all read
+        one stream, else [b, p, len(vs), d]."""
         if not ran:
-            return None
-        m = patch[:, ran, cols]
-        if sel is not None:
-            m = m[:, :, sel]
-        if not bool(m.any()):
-            return None
-        return torch.einsum("bpud,bun->bpnd", torch.stack(diffs, dim=2), m.to(base.dtype))
+            return resid
+        r = torch.tensor(ran)
+        n_patch = int(patch_h[:, r][:, :, vs].sum())
+        if n_patch == 0:
+            return resid
+        n_keep = int(keep_h[:, r][:, :, vs].sum())
+        if n_keep == 0:
+            return low
+        mask, start = (patch_d, resid) if n_patch <= n_keep else (keep_d, low)
+        w = mask[:, r.to(dev)][:, :, vs.to(dev)].to(dtype)  # [b, ran, n]
+        terms = torch.matmul(w.transpose(1, 2)[:, None], buf[:, :, :len(ran)])  # [b, p, n, d]
+        return start[:, :, None] - terms if mask is patch_d else start[:, :, None] + terms
 
-    def record(u: int, out: torch.Tensor) -> None:
-        ran.append(u)
-        diffs.append(out - base[:, :, u])
+    def record(us: torch.Tensor, out: torch.Tensor) -> None:  # out: [b, p, n, d] of nodes us
+        j = len(ran)
+        buf[:, :, j:j + len(us)] = out - base[:, :, us.to(dev)]
+        ran.extend(us.tolist())
 
     x, masks, rot = model.embed(batch.tokens, batch.mask)
+    low = base[:, :, 0]
+    resid = low
     if bool(needed[0]):
-        record(0, x)
+        record(torch.tensor([0]), x[:, :, None])
         resid = x
-    else:
-        resid = base[:, :, 0]
     u, col = 1, 0
     for L, block in enumerate(model.blocks):
         attn = block.attn
@@ -368,49 +382,49 @@ def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base
         heads = needed[u:u + H].nonzero()[:, 0]
         if cfg.qk_norm == "all" and len(heads):
             heads = torch.arange(H)  # the q/k norms mix every head
-        running = set(heads.tolist())
-        skipped = [h for h in range(H) if h not in running]
-        attn_out = sum((base[:, :, u + h] for h in skipped), torch.zeros_like(resid))
+        layer_base = base[:, :, u:u + H].sum(2)
         if len(heads):
             kvs = torch.unique(heads // group)
-            kv_of = torch.searchsorted(kvs, heads // group).to(dev)
-            hd, kd = heads.to(dev), kvs.to(dev)
 
-            def project(cols, sel, W, b):
-                d = delta(cols, sel)
-                if d is None:
-                    return torch.einsum("bpd,hde->bphe", block.ln1(resid), W[sel]) + b[sel]
-                x_in = _apply_norm(block.ln1, resid[:, :, None, :] - d)
-                return torch.einsum("bphd,hde->bphe", x_in, W[sel]) + b[sel]
-            q = project(slice(col, col + H), hd, attn.W_Q, attn.b_Q)
-            k = project(slice(col + H, col + H + KV), kd, attn.W_K, attn.b_K)
-            v = project(slice(col + H + KV, col + H + 2 * KV), kd, attn.W_V, attn.b_V)
+            def project(vs, sel, W, b):
+                x_in = inputs(resid, low, vs)
+                sel = sel.to(dev)
+                if x_in.dim() == 3:
+                    return torch.einsum("bpd,hde->bphe", block.ln1(x_in), W[sel]) + b[sel]
+                return torch.einsum("bphd,hde->bphe", _apply_norm(block.ln1, x_in), W[sel]) + b[sel]
+            q = project(col + heads, heads, attn.W_Q, attn.b_Q)
+            k = project(col + H + kvs, kvs, attn.W_K, attn.b_K)
+            v = project(col + H + KV + kvs, kvs, attn.W_V, attn.b_V)
+            everyone = len(heads) == H
+            kv_of = None if everyone else torch.searchsorted(kvs, heads // group).to(dev)
             z = attn.attend(q, k, v, masks["sliding" if attn.sliding else "full"], cos, sin,
-                            kv_of=None if len(heads) == H else kv_of)
-            if len(heads) == H:  # as the model adds them, so an unpatched run is the clean one
+                            kv_of=kv_of)
+            writes = torch.einsum("bphe,hed->bphd", z, attn.W_O[heads.to(dev)])
+            if everyone:  # as the model adds them, so an unpatched run is the clean one
                 attn_out = z.flatten(2) @ attn.W_O.flatten(0, 1)
-            writes = torch.einsum("bphe,hed->bphd", z, attn.W_O[hd])
-            for j, h in enumerate(heads.tolist()):  # a head that ran but is not needed (the
-                if len(heads) < H:                     # q/k norms) is patched wherever it is read
-                    attn_out = attn_out + writes[:, :, j]
-                record(u + h, writes[:, :, j])
+            else:  # the heads that did not run write their baseline
+                attn_out = writes.sum(2) + (layer_base - base[:, :, (u + heads).to(dev)].sum(2))
+            record(u + heads, writes)  # a head run but not needed (q/k norms) is patched everywhere
+        else:
+            attn_out = layer_base
+        low_out = layer_base
         if "b_O" not in attn.absent_biases:
-            attn_out = attn_out + attn.b_O
+            attn_out, low_out = attn_out + attn.b_O, low_out + attn.b_O
         col += H + 2 * KV
         u += H
-        mid = resid + attn_out
+        mid, low_mid = resid + attn_out, low + low_out
         if bool(needed[u]):
-            d = delta(slice(col, col + 1))
-            x_in = resid if cfg.parallel else mid
-            mlp_out = block.mlp(block.ln2(x_in if d is None else x_in - d[:, :, 0]))
-            record(u, mlp_out)
+            x_in = inputs(resid, low, torch.tensor([col])) if cfg.parallel else \
+                inputs(mid, low_mid, torch.tensor([col]))
+            mlp_out = block.mlp(block.ln2(x_in if x_in.dim() == 3 else x_in[:, :, 0]))
+            record(torch.tensor([u]), mlp_out[:, :, None])
         else:
             mlp_out = base[:, :, u]
-        resid = mid + mlp_out
+        resid, low = mid + mlp_out, low_mid + base[:, :, u]
         col += 1
         u += 1
-    d = delta(slice(col, col + 1))
-    return model.unembed(resid if d is None else resid - d[:, :, 0], positions)
+    x_in = inputs(resid, low, torch.tensor([col]))
+    return model.unembed(x_in if x_in.dim() == 3 else x_in[:, :, 0], positions)
 
 
 # --- node-level patching: activation patching of node writes ----------------------------------
