@@ -141,13 +141,19 @@ def predict(cfg, batch: int, seq: int, dtype, *, corrupt: bool = False, ig_steps
     if corrupt:
         phases["corrupt_forward"] = base + fwd_sites + 3 * att * f + 2 * logits  # no autograd: one layer's scores
         base += fwd_sites
-    if ig_steps:
-        step = T * s * L * 2 * d + T * f * L * 2 + grad_sites
-        phases["forward_backward"] = 2 * fwd_sites + fwd_bwd
-        base = 2 * fwd_sites + step
     out = r * (n if positions == "each" else 1) * U * V * a + 2 * r * n * V * a
     done = (batch - r) * (n if positions == "each" else 1) * U * V * a if r < batch else 0
     ups = r * U * pc * d * s
+    if ig_steps:
+        step_sites = T * s * L * 2 * d + T * f * L * 2  # a step caches its norms' sites only
+        step = step_sites + grad_sites
+        # from the second step on, each step's forward + backward runs beside the results
+        # and, with one chunk of positions, the cached upstream writes
+        later = out + (ups if pc >= n else 0) if ig_steps > 1 else 0
+        phases["forward_backward"] = 2 * fwd_sites + fwd_bwd - fwd_sites + step_sites + later
+        base = 2 * fwd_sites + step
+    if done:  # the earlier prompts' results are held through every phase of the last pass
+        phases = {k: v + done for k, v in phases.items()}
     group = r * pc * H * d * (s + (f if s < f else 0) + f)
     # the product, and its float32 copy when it is added to the float32 values below float32
     gemm = (r * pc * U * Vg if positions == "each" else r * U * Vg) * (s + (a if s < a else 0))
