@@ -442,7 +442,10 @@ def start_run(writer, prep: Prepared, device: str | None = None) -> tuple[int, s
         n_prompts=len(prep.encoded),
         options={**opts.to_json(), "inputs": {"prompts_sha256": prep.prompts_sha,
                                               "weights_sha256": info.weights_sha256,
-                                              "saes_sha256": prep.sae_shas}})
+                                              "saes_sha256": prep.sae_shas},
+                 # what the edges' memory plan chose: the device budget and prompts per batch
+                 **({} if prep.edge_memory is None else {"memory_plan": {
+                     "budget_bytes": prep.edge_memory, "batch_size": prep.batch_size}})})
     writer.claim_run(run_id)
     return run_id, set()
 
@@ -584,8 +587,8 @@ def _fill(prep, writer, run_id, done, engine, progress, pipelined, db) -> Popula
                    extra=None if engine is None else ray_engine.WorkersAlive())
     start, n_tokens = time.monotonic(), 0
     token_text: dict[int, str] = {}
-    node_baseline = (attribution_baseline(loaded, prep.encoded, prep.scalars, opts)
-                     if prep.attributing else None)
+    node_baseline = (attribution_baseline(loaded, prep.encoded, prep.scalars, opts,
+                                          prep.batch_size) if prep.attributing else None)
     sums: dict = {}  # Σ attributions and Δmetric over the prompts of this call
     pipe = Pipeline(writer, run_id, threaded=pipelined)
     try:
@@ -635,9 +638,10 @@ def _shards(db) -> str | None:
     return None if spec.kind == "file" else f"{spec.kind}:{spec.path.resolve()}"
 
 
-def attribution_baseline(loaded, encoded, scalars, opts) -> tuple:
+def attribution_baseline(loaded, encoded, scalars, opts, batch_size: int) -> tuple:
     """(baseline, ig_steps) for `*_attribution` scalars; the mean baseline's per-position means
-    are taken once, over all the run's prompts."""
+    are taken once, over all the run's prompts, `batch_size` prompts at a time (the run's
+    batches: fewer than --batch-size where the memory plan chose fewer)."""
     if opts.baseline != "mean":
         return opts.baseline, opts.ig_steps
     from actwh.compute.attribution import ATTRIBUTIONS, attribution_sites
@@ -648,8 +652,8 @@ def attribution_baseline(loaded, encoded, scalars, opts) -> tuple:
         loaded.model, [s for s in scalars if s in ATTRIBUTIONS]).values() for s in v}
     sites |= {n for n in ("hook_embed", "hook_pos_embed") if n in loaded.model.hook_points}
     pad = loaded.tokenizer.pad_token_id or 0
-    batches = (Batch.from_ids([e.ids for e in encoded[i:i + opts.batch_size]], pad)
-               for i in range(0, len(encoded), opts.batch_size))
+    batches = (Batch.from_ids([e.ids for e in encoded[i:i + batch_size]], pad)
+               for i in range(0, len(encoded), batch_size))
     return mean_acts(loaded.model, batches, sorted(sites)), opts.ig_steps
 
 
