@@ -306,8 +306,11 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
         d = delta(slice(col, col + 1))
         return None if d is None else _normalized(model.ln_final, live[last] - d[:, :, 0])
     hooks.append(("ln_final.hook_normalized", target_in))
-    with torch.no_grad(), model.hooks(hooks):
-        return model(batch.tokens, batch.mask, positions=positions)
+    with torch.no_grad(), model.hooks(hooks):  # target_in patches the whole final stream
+        logits = model(batch.tokens, batch.mask)
+    if positions is None:
+        return logits
+    return logits[torch.arange(b, device=logits.device), positions.to(logits.device)][:, None]
 
 
 def sparse_applies(model: HookedTransformer) -> bool:

@@ -152,3 +152,28 @@ def test_free_memory_counts_what_the_caching_allocator_holds_unallocated():
     driver_free = torch.cuda.mem_get_info()[0]
     assert device_free("cuda") - driver_free >= (256 << 20) - (8 << 20)
     torch.cuda.empty_cache()
+
+
+def test_cuda_patched_pass_matches_the_cpu_one(family_dir):
+    """Small per-prompt circuits (whole layers skipped where sparse patching applies): the CUDA
+    pass, at every position and at the scored ones, equals the CPU pass."""
+    from actwh.compute.edges import downstream_nodes, upstream_nodes
+    from actwh.compute.patching import allowed_edges, run_patched
+    from actwh.compute.targets import Batch
+
+    cpu = load_model(family_dir[1], device="cpu")
+    gpu = load_model(family_dir[1], device="cuda")
+    tokens, mask = padded_batch(cpu.tokenizer, PROMPTS, "left")
+    bad = tokens.flip(-1)
+    batch = Batch(tokens, mask, tokens[:, 0], tokens[:, 1])
+    up, down = upstream_nodes(cpu.model), downstream_nodes(cpu.model)
+    g = torch.Generator().manual_seed(0)
+    first = torch.tensor([n.layer <= 0 for n in up])
+    keep = (torch.rand(len(tokens), len(up), len(down), generator=g) < 0.3) & first[None, :, None]
+    keep &= allowed_edges(cpu.model)[None]
+    want = run_patched(cpu.model, batch, keep, bad)
+    got = run_patched(gpu.model, batch, keep, bad.cuda()).cpu()
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max() <= 1e-4
+    at = run_patched(gpu.model, batch, keep, bad.cuda(), positions=batch.scored_positions).cpu()
+    assert (at[:, 0] - want[torch.arange(len(tokens)), batch.scored_positions]).abs().max() <= 1e-4

@@ -66,6 +66,14 @@ def test_nothing_patched_is_clean_and_everything_patched_is_corrupt(tiny_model, 
         clean = model(batch.tokens, batch.mask)
         corrupt = model(bad, batch.mask)
     assert not close(clean, corrupt, batch.mask, 1e-2)  # the two runs differ
+    # the scored positions' logits alone, for a circuit in between
+    some = torch.rand(len(upstream_nodes(model)), len(downstream_nodes(model)),
+                      generator=torch.Generator().manual_seed(5)) < 0.3
+    whole = run_patched(model, batch, some, bad, sparse=sparse)
+    pos = batch.scored_positions
+    at = run_patched(model, batch, some, bad, sparse=sparse, positions=pos)
+    assert at.shape == (3, 1, model.cfg.d_vocab)
+    assert (at[:, 0] - whole[torch.arange(3), pos]).abs().max() <= 1e-5
     all_kept = torch.ones(U, V, dtype=torch.bool)
     none_kept = torch.zeros(U, V, dtype=torch.bool)
     assert close(run_patched(model, batch, all_kept, bad, sparse=sparse), clean, batch.mask, 1e-5)
