@@ -42,7 +42,7 @@ def mean_edges(wh, run: int, prompt_ids: list[int] | None) -> tuple[pl.DataFrame
         "CAST(NULL AS INTEGER) AS down_pos, down_input::VARCHAR AS down_input, "
         "sum(value)::DOUBLE / $n AS value, count(*) AS n_prompts "
         "FROM edges WHERE run_id = $run AND up_pos IS NULL AND down_pos IS NULL "
-        "AND up_type::VARCHAR IN ('embed', 'attn_head', 'mlp') "
+        "AND up_type::VARCHAR IN ('embed', 'attn_head', 'mlp', 'mlp_expert') "
         "AND down_type::VARCHAR IN ('attn_head', 'mlp', 'logit') "
         "AND list_contains($prompts, prompt_id) "
         "GROUP BY ALL ORDER BY up_layer, up_type, up_index, down_layer, down_type, down_index, "

@@ -366,3 +366,41 @@ def test_k_sizes_cost_at_most_k_forward_passes(wh_eval, monkeypatch, baseline):
                 .agg(pl.col("faithfulness").min().alias("lo"), pl.col("faithfulness").max()
                      .alias("hi")).select("selection", pl.concat_list("lo", "hi")).iter_rows())
     assert ends == {"none": [0.0, 0.0], "all": [1.0, 1.0]}
+
+
+@pytest.mark.parametrize("family_dir", ["gemma2", "mixtral", "llama"], indirect=True)
+def test_whole_graph_circuit_is_the_clean_run_on_other_families(family_dir, tmp_path):
+    """Post-norm (hooked patching), experts (hooked; experts are nodes) and grouped-query
+    attention (sparse), prompts of mixed lengths: a top-n size past the graph's edge count keeps
+    every stored edge, so its metric is the clean metric populate stored from a plain forward;
+    the empty circuit's is the corrupted prompt's, measured here with a plain forward too."""
+    family, folder = family_dir
+    prompts = write_prompts(tmp_path / "p.jsonl", ROWS)
+    db = tmp_path / "wh.duckdb"
+    populate(db, PopulateOptions(prompts=str(prompts), model=str(folder), batch_size=2,
+                                 edges=EdgeOptions(baseline="corrupt", select="dense")), progress=False)
+    res = evaluate(db, 1, EvalOptions("top-n", (3, 10_000), "corrupt", batch_size=3))
+    wh = Warehouse(db)
+    got = wh.sql("SELECT prompt_id, selection, metric FROM circuit_evals WHERE eval_id = $e",
+                 e=res.eval_id)
+    clean = dict(wh.sql("SELECT prompt_id, metric FROM prompts WHERE run_id = 1").iter_rows())
+    loaded = load_model(folder, device="cpu")
+    tok = loaded.tokenizer
+    for (pid, sel, metric) in got.iter_rows():
+        row = ROWS[pid]
+        if sel == "top-n:10000":
+            assert metric == pytest.approx(clean[pid], abs=1e-4)
+        if sel == "none":
+            ids = torch.tensor([tok(row["corrupt"]).input_ids])
+            one = lambda w: tok(w, add_special_tokens=False).input_ids[-1]  # noqa: E731
+            with torch.no_grad():
+                logits = loaded.model(ids)[0, -1]
+            assert metric == pytest.approx(float(logits[one(row["target"])] - logits[one(row["distractor"])]),
+                                           abs=1e-4)
+    assert got.filter(pl.col("selection") == "top-n:3").height == len(ROWS)
+    # circuits over prompts average every stored edge, the experts' too
+    from actwh.queries.circuits import mean_edges
+
+    mean, _ = mean_edges(wh, 1, None)
+    per_prompt = wh.sql("SELECT count(*) AS n FROM edges WHERE run_id = 1 AND prompt_id = 0")["n"][0]
+    assert mean.height == per_prompt
