@@ -65,9 +65,15 @@ def verify(db, run_id: int, what: str, top: int, baseline: str | None = None,
     if what == "nodes":
         stored = set(run["scalars"].split(","))
         wanted = list(scalars) if scalars else [s for s in NODE_SCALARS if s in stored]
+        from actwh.compute.scalars import SCALARS
+
         for s in wanted:
             if s not in stored:
                 raise ActwhError(f"run {run_id} did not store scalar {s!r}")
+            info = SCALARS.get(s)
+            if info is not None and info.node_type not in PATCHABLE:
+                raise ActwhError(f"cannot verify {s!r}: its {info.node_type} nodes cannot be "
+                                 f"patched alone (patchable: {', '.join(PATCHABLE)})")
         if not wanted:
             raise ActwhError(f"run {run_id} stored no act × grad scalar to verify")
         preds = wh.sql(
@@ -78,6 +84,11 @@ def verify(db, run_id: int, what: str, top: int, baseline: str | None = None,
             "QUALIFY row_number() OVER (PARTITION BY prompt_id, scalar ORDER BY abs(value) DESC, "
             "layer, node_index, position) <= $top ORDER BY prompt_id, scalar, abs(value) DESC",
             run=run_id, scalars=wanted, prompts=ids, types=list(PATCHABLE), top=top)
+        found = set(preds["scalar"].unique().to_list())
+        lacking = [s for s in wanted if s not in found]
+        if lacking:
+            raise ActwhError(f"cannot verify {lacking[0]!r}: run {run_id} has no per-node values of "
+                             "it for these prompts (attention-pattern scalars are per query and key)")
     else:
         edges = read_edges(wh, run_id, ids)
         if edges.height == 0:

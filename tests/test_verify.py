@@ -109,6 +109,25 @@ def test_verify_refuses_bad_input(wh_verify):
         assert out.exit_code != 0 and message in out.output, (args, out.output)
 
 
+@pytest.mark.parametrize("family_dir", ["mixtral"], indirect=True)
+def test_verify_refuses_scalars_it_cannot_patch(tmp_path, family_dir):
+    """A stored scalar verify cannot measure (attention pairs; experts, which are not patched
+    alone) is refused in one line, not silently skipped; nothing is written."""
+    _, folder = family_dir
+    db = tmp_path / "wh.duckdb"
+    populate(db, PopulateOptions(prompts=str(write_prompts(tmp_path / "p.jsonl", ROWS)),
+                                 model=str(folder), scalars=("attn_pattern", "expert_act_times_grad")),
+             progress=False)
+    before = db.stat().st_mtime_ns, db.stat().st_size
+    for scalar, message in (("attn_pattern", "no per-node values"),
+                            ("expert_act_times_grad", "mlp_expert nodes cannot be patched")):
+        out = CliRunner().invoke(cli, ["verify", "1", "--nodes", "top:2", "--scalars", scalar,
+                                       "--db", str(db)])
+        assert out.exit_code != 0 and message in out.output, out.output
+        assert len(out.output.strip().splitlines()) == 1
+    assert (db.stat().st_mtime_ns, db.stat().st_size) == before
+
+
 def test_node_circuits_equal_hand_written_ablation(wh_verify):
     """evaluate --nodes: keep each prompt's top-n heads and neurons by |Σ_pos act × grad|, zero
     every other head's z and neuron everywhere: the same metric as hooks written here."""
