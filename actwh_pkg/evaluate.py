@@ -51,6 +51,7 @@ class EvalOptions:
     node_threshold: float = 0.8  # influence: cumulative influence fraction of nodes kept
     batch_size: int = 8
     device: str | None = None
+    progress: bool | None = None  # prompts, tokens/s, ETA on stderr (None: when it is a terminal)
 
 
 @dataclass
@@ -235,6 +236,19 @@ def make_batch(loaded, chunk, with_corrupt: bool):
     return Batch(tokens, mask, ids("target"), ids("distractor"), positions), bad
 
 
+def in_batches(encoded, batch_size: int, progress: bool | None):
+    """`encoded` in batches of `batch_size`; prompts done, tokens/s and ETA on stderr when it is
+    a terminal (or when `progress` says so), nothing when piped."""
+    from actwh.runner import Progress
+
+    bar = Progress(len(encoded), progress)
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        yield chunk
+        bar.update(len(chunk), sum(len(e.ids) for e in chunk))
+    bar.close()
+
+
 def encoded_prompts(wh, run: dict, loaded, target, ids, need_corrupt: bool):
     """The run's prompts re-read from its prompt file and checked against what it stored."""
     from actwh.compute.prompts import read_prompts
@@ -347,8 +361,7 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
     full = index.allowed
     encoded.sort(key=lambda e: len(e.ids))
     with torch.no_grad():
-        for start in range(0, len(encoded), opts.batch_size):
-            chunk = encoded[start:start + opts.batch_size]
+        for chunk in in_batches(encoded, opts.batch_size, opts.progress):
             batch, bad = make_batch(loaded, chunk, corrupt)
             batch = batch.to(model.device)
             # a metric read at one position per prompt needs only those positions' logits
@@ -473,8 +486,7 @@ def evaluate_nodes(db, run_id: int, opts: EvalOptions, scalars: tuple[str, ...] 
     cols = {k: [] for k in ("prompt_id", "selection", "n_edges", "n_nodes", "metric",
                             "faithfulness")}
     encoded.sort(key=lambda e: len(e.ids))
-    for start in range(0, len(encoded), opts.batch_size):
-        chunk = encoded[start:start + opts.batch_size]
+    for chunk in in_batches(encoded, opts.batch_size, opts.progress):
         batch, bad_tokens = make_batch(loaded, chunk, corrupt)
         batch = batch.to(model.device)
         b, p = batch.tokens.shape

@@ -32,7 +32,7 @@ def parse_top(text: str) -> int:
 
 def verify(db, run_id: int, what: str, top: int, baseline: str | None = None,
            prompts: tuple[int, ...] | None = None, scalars: tuple[str, ...] | None = None,
-           batch_size: int = 8, device: str | None = None) -> int:
+           batch_size: int = 8, device: str | None = None, progress: bool | None = None) -> int:
     """Measure the top `top` predictions of each prompt; returns the evaluation id."""
     import torch
 
@@ -40,8 +40,8 @@ def verify(db, run_id: int, what: str, top: int, baseline: str | None = None,
                                         node_sites, run_nodes_patched, run_patched,
                                         site_baselines)
     from actwh.compute.targets import get_target
-    from actwh.evaluate import (EdgeIndex, encoded_prompts, load_run_model, make_batch,
-                                read_edges, read_run)
+    from actwh.evaluate import (EdgeIndex, encoded_prompts, in_batches, load_run_model,
+                                make_batch, read_edges, read_run)
     from actwh.warehouse.store import Warehouse
 
     if what not in ("nodes", "edges"):
@@ -123,8 +123,7 @@ def verify(db, run_id: int, what: str, top: int, baseline: str | None = None,
         means = mean_writes(model, chunks) if what == "edges" else mean_acts(model, chunks, sites)
     out = []
     encoded.sort(key=lambda e: len(e.ids))
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+    for chunk in in_batches(encoded, batch_size, progress):
         batch, bad = make_batch(loaded, chunk, corrupt)
         batch = batch.to(model.device)
         with torch.no_grad():

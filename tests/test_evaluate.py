@@ -236,6 +236,21 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, gpt2_dir):
                               "--sizes", "4", "--prompts", "2,5", "--db", str(db)])
     assert out.exit_code == 0, out.output
     assert count_rows(db) == 2 * 3
+    assert "tokens/s" not in out.output  # progress stays quiet when stderr is not a terminal
+
+
+def test_evaluate_and_verify_show_progress_on_a_terminal(wh_eval, capsys):
+    from actwh.verify import verify
+
+    db, _ = wh_eval
+    evaluate(db, 1, EvalOptions("top-n", (3,), "zero", (0, 1, 2), batch_size=2, progress=True))
+    err = capsys.readouterr().err
+    assert "\r2/3 prompts  " in err and "\r3/3 prompts  " in err and "tokens/s" in err and "ETA" in err
+    verify(db, 1, "edges", 1, prompts=(0, 1), batch_size=1, progress=True)
+    err = capsys.readouterr().err
+    assert "\r1/2 prompts  " in err and "\r2/2 prompts  " in err
+    evaluate(db, 1, EvalOptions("top-n", (3,), "zero", (0, 1, 2), batch_size=2, progress=False))
+    assert capsys.readouterr().err == ""
 
 
 def test_an_older_file_gets_the_evaluation_tables(wh_eval, tmp_path):
