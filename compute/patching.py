@@ -211,11 +211,17 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
     if keep_edges.shape not in ((U, V), (b, U, V)):
         raise ActwhError(f"keep_edges must be [{U}, {V}] or [{b}, {U}, {V}], "
                          f"not {list(keep_edges.shape)}")
-    keep = keep_edges.to(model.device, torch.bool)
+    keep = keep_edges.to(dtype=torch.bool)  # where it is (sparse passes read it on the host)
     if keep.dim() == 2:
         keep = keep[None].expand(b, U, V)
     if base is None:
         base = baseline_writes(model, batch, baseline)
+    else:
+        want = (b, batch.tokens.shape[1], U, cfg.d_model)
+        if tuple(base.shape) != want or base.dtype != model.W_E.dtype:
+            raise ActwhError(f"base must be the baseline writes {list(want)} in the model's "
+                             f"dtype {model.W_E.dtype}, not {list(base.shape)} {base.dtype}")
+        base = base.to(model.device)
     if sparse is None:
         sparse = sparse_applies(model)
     elif sparse and not sparse_applies(model):
@@ -224,6 +230,7 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
     if sparse:
         with torch.no_grad():
             return _run_sparse(model, batch, keep, base, positions)
+    keep = keep.to(model.device)
     dtype = model.W_E.dtype
     # patch[b, u, v] = 1 where the edge u → v carries the baseline write
     patch = (allowed_edges(model).to(model.device)[None] & ~keep).to(dtype)
@@ -237,6 +244,26 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
         if not bool(m.any()):
             return None
         return torch.einsum("bpud,bun->bpnd", diff[:, :, : done[0]], m)
+
+    allowed = allowed_edges(model).to(model.device)
+    kept = keep & allowed[None]
+    # Without attention output biases an input with no kept in-edge is Σ of baseline writes
+    # alone (zero under the zero baseline): taken as that sum, not as the stream minus a sum
+    # that cancels, whose rounding an RMSNorm would magnify.
+    no_bias = all("b_O" in blk.attn.absent_biases for blk in model.blocks)
+
+    def patched_in(resid: torch.Tensor, cols: slice) -> torch.Tensor | None:
+        """The inputs of downstream nodes `cols` [b, p, n, d], or None where nothing is patched."""
+        d = delta(cols)
+        if d is None:
+            return None
+        x = resid[:, :, None] - d
+        if no_bias:
+            empty = ~kept[:, :, cols].any(1)  # [b, n]
+            if bool(empty.any()):
+                low = base[:, :, allowed[:, cols.start]].sum(2)
+                x = torch.where(empty[:, None, :, None], low[:, :, None], x)
+        return x
 
     def wrote(out: torch.Tensor, n: int) -> None:  # out: [b, p, n, d], the next n nodes' writes
         i = done[0]
@@ -261,10 +288,9 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
                                  ("k", cfg.n_kv_heads, attn.W_K, attn.b_K),
                                  ("v", cfg.n_kv_heads, attn.W_V, attn.b_V)):
             def qkv(t, name, cols=slice(col, col + n), W=W, bias=bias, ln=block.ln1, p=p):
-                d = delta(cols)
-                if d is None:
+                x = patched_in(live[p + "hook_resid_pre"], cols)  # [b, p, heads, d]
+                if x is None:
                     return None
-                x = live[p + "hook_resid_pre"][:, :, None, :] - d  # [b, p, heads, d]
                 return torch.einsum("bphd,hde->bphe", _apply_norm(ln, x), W) + bias
             hooks.append((p + f"attn.hook_{site}", qkv))
             col += n
@@ -283,11 +309,8 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
         hooks.append((p + "hook_resid_mid", save))
 
         def mlp_in(t, name, cols=slice(col, col + 1), ln=block.ln2, p=p):
-            d = delta(cols)
-            if d is None:
-                return None
-            resid = live[p + ("hook_resid_pre" if cfg.parallel else "hook_resid_mid")]
-            return _normalized(ln, resid - d[:, :, 0])
+            x = patched_in(live[p + ("hook_resid_pre" if cfg.parallel else "hook_resid_mid")], cols)
+            return None if x is None else _normalized(ln, x[:, :, 0])
         hooks.append((p + "ln2.hook_normalized", mlp_in))
         col += 1
 
@@ -303,8 +326,8 @@ def run_patched(model: HookedTransformer, batch: Batch, keep_edges, baseline="ze
     hooks.append((last, save))
 
     def target_in(t, name):
-        d = delta(slice(col, col + 1))
-        return None if d is None else _normalized(model.ln_final, live[last] - d[:, :, 0])
+        x = patched_in(live[last], slice(col, col + 1))
+        return None if x is None else _normalized(model.ln_final, x[:, :, 0])
     hooks.append(("ln_final.hook_normalized", target_in))
     with torch.no_grad(), model.hooks(hooks):  # target_in patches the whole final stream
         logits = model(batch.tokens, batch.mask)
@@ -319,7 +342,8 @@ def sparse_applies(model: HookedTransformer) -> bool:
 
     cfg = model.cfg
     hooked = any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_points.values())
-    return not (cfg.post_norm or cfg.n_experts or spliced(model) or hooked)
+    mixed = cfg.qk_norm == "all"  # q/k norms across every head: a layer's heads run together
+    return not (cfg.post_norm or cfg.n_experts or mixed or spliced(model) or hooked)
 
 
 def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base: torch.Tensor,
@@ -332,10 +356,11 @@ def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base
     Σ (out_u − base_u) over the nodes that ran and whose edge into v is patched, or the
     baseline's stream plus Σ (out_u − base_u) over v's kept in-edges, whichever sums fewer terms
     (the same value: Σ_kept out_u + Σ_patched base_u + biases, as in the hooked pass). An input
-    nothing that ran is patched into is this run's stream itself, so with every edge kept the
-    pass is the model's own forward; one with no kept in-edge is the baseline's stream. Which
-    nodes run and which sums are needed is worked out on the host from the masks (no device
-    synchronisation)."""
+    (of one prompt) nothing that ran is patched into is this run's stream itself, so with every
+    edge kept the pass is the model's own forward; one with no kept in-edge is the baseline's
+    stream itself (exactly zero under the zero baseline without biases, where a sum that cancels
+    would leave rounding for an RMSNorm to magnify). Which nodes run and which sums are needed is
+    worked out on the host from the masks (given on the host, no device synchronisation)."""
     cfg = model.cfg
     dev = model.device
     H, KV = cfg.n_heads, cfg.n_kv_heads
@@ -365,7 +390,13 @@ def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base
         mask, start = (patch_d, resid) if n_patch <= n_keep else (keep_d, low)
         w = mask[:, r.to(dev)][:, :, vs.to(dev)].to(dtype)  # [b, ran, n]
         terms = torch.matmul(w.transpose(1, 2)[:, None], buf[:, :, :len(ran)])  # [b, p, n, d]
-        return start[:, :, None] - terms if mask is patch_d else start[:, :, None] + terms
+        x = start[:, :, None] - terms if mask is patch_d else start[:, :, None] + terms
+        # per prompt and input, a stream as it is where nothing or everything is patched
+        for exact, stream in ((~keep_h[:, r][:, :, vs].any(1), low),
+                              (~patch_h[:, r][:, :, vs].any(1), resid)):
+            if bool(exact.any()):
+                x = torch.where(exact.to(dev)[:, None, :, None], stream[:, :, None], x)
+        return x
 
     def record(us: torch.Tensor, out: torch.Tensor) -> None:  # out: [b, p, n, d] of nodes us
         j = len(ran)
@@ -383,8 +414,6 @@ def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base
         attn = block.attn
         cos, sin = rot.get("sliding" if attn.sliding else "full", (None, None))
         heads = needed[u:u + H].nonzero()[:, 0]
-        if cfg.qk_norm == "all" and len(heads):
-            heads = torch.arange(H)  # the q/k norms mix every head
         layer_base = base[:, :, u:u + H].sum(2)
         if len(heads):
             kvs = torch.unique(heads // group)

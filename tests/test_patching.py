@@ -197,6 +197,10 @@ def test_edge_pairs_and_per_prompt_masks(tiny_model):
         assert close(together[i:i + 1], alone, one.mask, 1e-5)
     with pytest.raises(Exception, match="keep_edges must be"):
         run_patched(model, batch, masks[:, :-1], bad)
+    base = upstream_writes(model, bad, batch.mask)
+    for wrong in (base.double(), base[:, :-1]):  # precomputed writes of another dtype or shape
+        with pytest.raises(ActwhError, match="base must be the baseline writes"):
+            run_patched(model, batch, masks, base=wrong)
     with pytest.raises(Exception, match="not a downstream node"):
         edge_mask(model, [(up[0], Node(0, "attn_head", 99, "q"))])
 
@@ -398,3 +402,33 @@ def test_patched_metric_equals_transformers_reference_default_model():
     batch = Batch(tokens, mask, torch.tensor([one(r["target"]) for r in rows]),
                   torch.tensor([one(r["distractor"]) for r in rows]))
     check_against_transformers(WEIGHTS, batch, corrupt, seed=1, n_sets=2)
+
+
+@pytest.mark.parametrize("family_dir", ["qwen2", "gemma2"], indirect=True)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_input_with_no_kept_edge_is_the_baseline_stream_exactly(family_dir, dtype):
+    """Zero baseline, no attention output bias (Qwen2: the sparse pass; Gemma 2: post norms, the
+    hooked pass): with every edge kept except those into one head's q, that q reads exactly
+    zero, so it is its bias alone (a hand-written hook), in float32 and bfloat16 alike; a sum of
+    writes that cancels to zero would leave rounding that the RMSNorm magnifies. The other
+    prompt, whose circuit keeps that head's q edges, is the clean run."""
+    loaded = load_model(family_dir[1], device="cpu", dtype=getattr(torch, dtype))
+    model = loaded.model
+    assert all("b_O" in blk.attn.absent_biases for blk in model.blocks)
+    batch = make_batch(loaded.tokenizer, PROMPTS[:2])
+    batch = Batch(batch.tokens, batch.mask, batch.target_ids[:2], batch.distractor_ids[:2])
+    up, down = upstream_nodes(model), downstream_nodes(model)
+    keep = torch.ones(2, len(up), len(down), dtype=torch.bool)
+    q = down.index(Node(1, "attn_head", 1, "q"))
+    keep[0, :, q] = False
+
+    def only_bias(t, name):
+        t = t.clone()
+        t[0, :, 1] = model.blocks[1].attn.b_Q[1]
+        return t
+    with torch.no_grad(), model.hooks([("blocks.1.attn.hook_q", only_bias)]):
+        ref = model(batch.tokens, batch.mask)
+    got = run_patched(model, batch, keep, "zero")
+    tol = 1e-5 if dtype == "float32" else 0.05  # bf16: 0.75 off when the sum cancels
+    assert close(got.float(), ref.float(), batch.mask, tol), (got - ref).abs().max()
+    assert not close(ref[:1], model(batch.tokens, batch.mask)[:1], batch.mask[:1], 1e-3)
