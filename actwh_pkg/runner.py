@@ -443,9 +443,10 @@ def start_run(writer, prep: Prepared, device: str | None = None) -> tuple[int, s
         options={**opts.to_json(), "inputs": {"prompts_sha256": prep.prompts_sha,
                                               "weights_sha256": info.weights_sha256,
                                               "saes_sha256": prep.sae_shas},
-                 # what the edges' memory plan chose: the device budget and prompts per batch
+                 # what the edges' memory plan chose: prompts per batch, under which budget
+                 # (the device's free memory is not recorded: options stay reproducible)
                  **({} if prep.edge_memory is None else {"memory_plan": {
-                     "budget_bytes": prep.edge_memory, "batch_size": prep.batch_size}})})
+                     "budget": opts.max_memory or "device free", "batch_size": prep.batch_size}})})
     writer.claim_run(run_id)
     return run_id, set()
 
