@@ -436,7 +436,7 @@ def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base
                 attn_out = z.flatten(2) @ attn.W_O.flatten(0, 1)
             else:  # the heads that did not run write their baseline
                 attn_out = writes.sum(2) + (layer_base - base[:, :, (u + heads).to(dev)].sum(2))
-            record(u + heads, writes)  # a head run but not needed (q/k norms) is patched everywhere
+            record(u + heads, writes)
         else:
             attn_out = layer_base
         low_out = layer_base
