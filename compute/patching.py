@@ -372,7 +372,8 @@ def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base
     needed = keep_h.any(dim=(0, 2))  # [U]: some prompt reads this node's own write
     keep_d = keep_h.to(dev)
     patch_d = patch_h.to(dev)
-    buf = torch.empty_like(base)  # buf[:, :, j] = out − base of the j-th node that ran
+    # buf[:, :, j] = out − base of the j-th node that ran (the nodes that run are the needed ones)
+    buf = base.new_empty(base.shape[0], base.shape[1], int(needed.sum()), base.shape[3])
     ran: list[int] = []
 
     def inputs(resid, low, vs: torch.Tensor):
