@@ -6,8 +6,10 @@
   circuits of a real run (EAP, corrupt baseline, every edge stored; the default model and a
   random GPT-2-small-shaped one on the default IOI prompts), under the corrupt and the zero
   baseline: the model's seconds per batch (the baseline run and every patched pass, timed around
-  each call) against k bare forward passes; `forward_passes` is that time in bare passes and
-  `node_passes` the heads and MLPs those passes ran, in full passes' worth.
+  each call) against k bare forward passes; `forward_passes` is that time in bare passes,
+  `patched_passes` the patched passes' share alone (the sizes' own cost, without the corrupted
+  run that all sizes share) and `node_passes` the heads and MLPs those passes ran, in full
+  passes' worth.
 
     python benchmarks/bench_evaluate.py [--batch 8] [--seq 32] [--sizes 5]
 """
@@ -120,7 +122,7 @@ def whole_evaluate(args) -> None:
         model = load_model(folder, device=device).model
         cfg = model.cfg
         per_pass = cfg.n_layers * (cfg.n_heads + 1)
-        spent, batches, work = [0.0], [], [0]
+        spent, patched, batches, work = [0.0], [0.0], [], [0]
 
         def sync():
             if device == "cuda":
@@ -133,7 +135,8 @@ def whole_evaluate(args) -> None:
                 out = fn(m, b, *a, **k)
                 sync()
                 spent[0] += time.perf_counter() - t0
-                if keep_batch:
+                if keep_batch:  # a patched pass (the zero/mean baselines' all-patched one too)
+                    patched[0] += time.perf_counter() - t0
                     batches.append((b.tokens, b.mask))
                 return out
             return wrapper
@@ -149,7 +152,7 @@ def whole_evaluate(args) -> None:
                     sizes = DEFAULT_SIZES["top-n"][:k]
                     evaluate(db, 1, EvalOptions("top-n", sizes, baseline, None, device=device,
                                                 batch_size=args.batch))  # warm
-                    spent[0], work[0] = 0.0, 0
+                    spent[0], patched[0], work[0] = 0.0, 0.0, 0
                     batches.clear()
                     evaluate(db, 1, EvalOptions("top-n", sizes, baseline, None, device=device,
                                                 batch_size=args.batch))
@@ -169,6 +172,7 @@ def whole_evaluate(args) -> None:
                     emit("evaluate_whole_cost", ours, "s/batch", "bare_forward_x_sizes", one * k,
                          device=device, model=name, batch=args.batch, sizes=k,
                          baseline_kind=baseline, forward_passes=round(ours / one, 3),
+                         patched_passes=round(patched[0] / n_batches / one, 3),
                          node_passes=round(nodes, 3))
         finally:
             patching.upstream_writes, patching.run_patched, Attention.attend, MLP.forward = saved
