@@ -282,7 +282,8 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
     prompt instead of per-prompt circuits from `opts.method`."""
     import torch
 
-    from actwh.compute.patching import baseline_writes, mean_writes, run_patched, upstream_writes
+    from actwh.compute.patching import (LayerWrites, baseline_writes, mean_writes, run_patched,
+                                        sparse_applies, upstream_writes)
     from actwh.compute.targets import get_target
     from actwh.warehouse.store import Warehouse
 
@@ -323,6 +324,7 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
     loaded = load_run_model(run, opts.device)
     model = loaded.model
     corrupt = opts.baseline == "corrupt"
+    sparse = sparse_applies(model)
     encoded = encoded_prompts(wh, run, loaded, target, ids, corrupt)
     index = EdgeIndex(model)
     clean_metric = dict(wh.sql("SELECT prompt_id, metric FROM prompts WHERE run_id = $run",
@@ -368,11 +370,17 @@ def evaluate(db, run_id: int, opts: EvalOptions, circuit=None) -> EvalResult:
             at = None if run["target"] == "loss" else batch.scored_positions
             scored = batch if at is None else replace(batch, positions=torch.zeros_like(at))
             if corrupt:  # one pass gives the baseline writes and the baseline (= all patched) run
-                base, bad_logits = upstream_writes(model, bad, batch.mask, with_logits=True,
-                                                   positions=at)
+                if sparse:  # kept per layer: a node's write is formed only where it is needed
+                    base, bad_logits = LayerWrites.of_run(model, bad, batch.mask, positions=at)
+                else:
+                    base, bad_logits = upstream_writes(model, bad, batch.mask, with_logits=True,
+                                                       positions=at)
                 low = target.metric(bad_logits, scored).double().cpu()
             else:  # all patched: no node runs, the target reads the baseline writes' sum
-                base = baseline_writes(model, batch, means if means is not None else "zero")
+                if sparse and means is None:
+                    base = LayerWrites.zeros(model, *batch.tokens.shape)
+                else:
+                    base = baseline_writes(model, batch, means if means is not None else "zero")
                 none = torch.zeros(full.shape, dtype=torch.bool)
                 low = target.metric(run_patched(model, batch, none, base=base, positions=at),
                                     scored).double().cpu()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from actwh.compute.edges import Node, downstream_nodes, upstream_nodes
 from actwh.compute.loading import load_model
 from actwh.compute.model import MLP, Attention
-from actwh.compute.patching import (allowed_edges, baseline_writes, edge_mask, mean_writes,
+from actwh.compute.patching import (LayerWrites, allowed_edges, baseline_writes, edge_mask, mean_writes,
                                     run_patched, sparse_applies, upstream_writes)
 from actwh.compute.targets import Batch
 from actwh.errors import ActwhError
@@ -432,3 +432,38 @@ def test_an_input_with_no_kept_edge_is_the_baseline_stream_exactly(family_dir, d
     tol = 1e-5 if dtype == "float32" else 0.05  # bf16: 0.75 off when the sum cancels
     assert close(got.float(), ref.float(), batch.mask, tol), (got - ref).abs().max()
     assert not close(ref[:1], model(batch.tokens, batch.mask)[:1], batch.mask[:1], 1e-3)
+
+
+def test_baseline_writes_kept_per_layer_patch_as_the_per_node_ones(tiny_model):
+    """`LayerWrites` (each layer's z and MLP output, the heads' writes formed only where a pass
+    runs them) gives the sparse pass what the [b, p, nodes, d] writes give it, for small
+    per-prompt circuits, the corrupt and the zero baseline; it holds far fewer numbers; its run's
+    logits are the corrupted forward's; the hooked pass and another batch's writes are refused."""
+    model = tiny_model.model
+    sparse_or_skip(model, True)
+    cfg = model.cfg
+    batch = make_batch(tiny_model.tokenizer, side="left")
+    bad = corrupt_tokens(tiny_model.tokenizer, "left")
+    up, down = upstream_nodes(model), downstream_nodes(model)
+    per_layer, logits = LayerWrites.of_run(model, bad, batch.mask)
+    with torch.no_grad():
+        assert close(logits, model(bad, batch.mask), batch.mask, 0.0)
+    per_node = upstream_writes(model, bad, batch.mask)
+    g = torch.Generator().manual_seed(11)
+    inside = torch.rand(len(up), generator=g) < 0.4
+    inside[[1, 3]] = True  # two heads of layer 0 at least: the writes of several heads at once
+    masks = (torch.rand(3, len(up), len(down), generator=g) < 0.5) & inside[None, :, None]
+    for base_a, base_b in ((per_layer, per_node),
+                           (LayerWrites.zeros(model, *batch.tokens.shape), baseline_writes(model, batch, "zero"))):
+        a = run_patched(model, batch, masks, base=base_a)
+        b = run_patched(model, batch, masks, base=base_b)
+        assert close(a, b, batch.mask, 1e-5), (a - b).abs().max()
+    held = per_layer.embed.numel() + sum(t.numel() for t in per_layer.z + per_layer.mlp)
+    tokens = batch.tokens.numel()
+    assert held == tokens * (cfg.d_model + cfg.n_layers * (cfg.n_heads * cfg.d_head + cfg.d_model))
+    assert held < per_node.numel()
+    with pytest.raises(ActwhError, match="for sparse patching"):
+        run_patched(model, batch, masks, base=per_layer, sparse=False)
+    other = Batch(batch.tokens[:2], batch.mask[:2], batch.target_ids[:2], batch.distractor_ids[:2])
+    with pytest.raises(ActwhError, match="another batch"):
+        run_patched(model, other, masks[:2], base=per_layer)
