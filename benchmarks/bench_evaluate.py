@@ -5,8 +5,8 @@
 - `evaluate_whole_cost`: a whole `actwh evaluate` of the first k default top-n sizes on the
   circuits of a real run (EAP, corrupt baseline, every edge stored; the default model and a
   random GPT-2-small-shaped one on the default IOI prompts), under the corrupt and the zero
-  baseline: the model's seconds per batch (the baseline run and every patched pass, timed around
-  each call) against k bare forward passes; `forward_passes` is that time in bare passes,
+  baseline: the model's seconds per batch (every patched pass, and every other entry into the
+  model's forward: the baseline run, timed around each call) against k bare forward passes; `forward_passes` is that time in bare passes,
   `patched_passes` the patched passes' share alone (the sizes' own cost, without the corrupted
   run that all sizes share) and `node_passes` the heads and MLPs those passes ran, in full
   passes' worth.
@@ -103,7 +103,7 @@ def whole_evaluate(args) -> None:
     from actwh.compute import patching
     from actwh.compute.default_model import PROMPTS
     from actwh.compute.loading import DEFAULT_MODEL_DIR, load_model
-    from actwh.compute.model import MLP, Attention
+    from actwh.compute.model import MLP, Attention, HookedTransformer
     from actwh.evaluate import DEFAULT_SIZES, EvalOptions, evaluate
     from actwh.runner import EdgeOptions, PopulateOptions, populate
 
@@ -128,22 +128,35 @@ def whole_evaluate(args) -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        def timed(fn, keep_batch):
-            def wrapper(m, b, *a, **k):
-                sync()
-                t0 = time.perf_counter()
-                out = fn(m, b, *a, **k)
-                sync()
-                spent[0] += time.perf_counter() - t0
-                if keep_batch:  # a patched pass (the zero/mean baselines' all-patched one too)
-                    patched[0] += time.perf_counter() - t0
-                    batches.append((b.tokens, b.mask))
-                return out
-            return wrapper
-        saved = (patching.upstream_writes, patching.run_patched, Attention.attend, MLP.forward)
+        inside = [False]  # in a patched pass (whose hooked form runs the model's forward)
+
+        def timed_patched(m, b, *a, **k):
+            sync()
+            t0 = time.perf_counter()
+            inside[0] = True
+            try:
+                out = saved[0](m, b, *a, **k)
+            finally:
+                inside[0] = False
+            sync()
+            spent[0] += time.perf_counter() - t0
+            patched[0] += time.perf_counter() - t0  # the zero/mean baselines' all-patched one too
+            batches.append((b.tokens, b.mask))
+            return out
+
+        def timed_forward(self, *a, **k):  # every other entry into the model: the baseline run
+            if inside[0]:
+                return saved[1](self, *a, **k)
+            sync()
+            t0 = time.perf_counter()
+            out = saved[1](self, *a, **k)
+            sync()
+            spent[0] += time.perf_counter() - t0
+            return out
+        saved = (patching.run_patched, HookedTransformer.forward, Attention.attend, MLP.forward)
         attend, mlp_forward = saved[2], saved[3]
-        patching.run_patched = timed(patching.run_patched, True)
-        patching.upstream_writes = lambda m, tokens, *a, _f=timed(saved[0], False), **k: _f(m, tokens, *a, **k)
+        patching.run_patched = timed_patched
+        HookedTransformer.forward = timed_forward
         Attention.attend = lambda self, q, *a, **k: work.__setitem__(0, work[0] + q.shape[2]) or attend(self, q, *a, **k)
         MLP.forward = lambda self, x: work.__setitem__(0, work[0] + 1) or mlp_forward(self, x)
         try:
@@ -160,6 +173,7 @@ def whole_evaluate(args) -> None:
                     n_batches = len(shapes)
                     nodes = work[0] / n_batches / per_pass
                     Attention.attend, MLP.forward = attend, mlp_forward
+                    HookedTransformer.forward = saved[1]
 
                     def bare():
                         with torch.no_grad():
@@ -168,6 +182,7 @@ def whole_evaluate(args) -> None:
                     one = timeit(bare, repeat=5) / n_batches
                     Attention.attend = lambda self, q, *a, **kw: work.__setitem__(0, work[0] + q.shape[2]) or attend(self, q, *a, **kw)
                     MLP.forward = lambda self, x: work.__setitem__(0, work[0] + 1) or mlp_forward(self, x)
+                    HookedTransformer.forward = timed_forward
                     ours = spent[0] / n_batches
                     emit("evaluate_whole_cost", ours, "s/batch", "bare_forward_x_sizes", one * k,
                          device=device, model=name, batch=args.batch, sizes=k,
@@ -175,7 +190,7 @@ def whole_evaluate(args) -> None:
                          patched_passes=round(patched[0] / n_batches / one, 3),
                          node_passes=round(nodes, 3))
         finally:
-            patching.upstream_writes, patching.run_patched, Attention.attend, MLP.forward = saved
+            patching.run_patched, HookedTransformer.forward, Attention.attend, MLP.forward = saved
 
 
 if __name__ == "__main__":
