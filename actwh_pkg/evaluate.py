@@ -39,7 +39,7 @@ METHODS = ("influence", "top-n", "threshold")
 BASELINES = ("corrupt", "zero", "mean")
 DEFAULT_SIZES = {"top-n": (10, 20, 50, 100, 200, 500), "threshold": (1.0, 0.3, 0.1, 0.03, 0.01),
                  "influence": (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)}
-COMPONENT_TYPES = ("embed", "attn_head", "mlp", "mlp_expert")
+COMPONENT_TYPES = ("embed", "attn_head", "mlp", "mlp_expert")  # the component graph's upstream nodes
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,10 @@ def read_edges(wh, run_id: int, prompt_ids):
                 "down_layer, down_type::VARCHAR AS down_type, down_index, down_pos, "
                 "down_input::VARCHAR AS down_input, value FROM edges WHERE run_id = $run "
                 "AND up_pos IS NULL AND down_pos IS NULL "
-                "AND up_type::VARCHAR IN ('embed', 'attn_head', 'mlp', 'mlp_expert') "
+                "AND list_contains($ups, up_type::VARCHAR) "
                 "AND down_type::VARCHAR IN ('attn_head', 'mlp', 'logit') "
                 "AND list_contains($prompts, prompt_id) ORDER BY prompt_id",
-                run=run_id, prompts=list(prompt_ids))
+                run=run_id, prompts=list(prompt_ids), ups=list(COMPONENT_TYPES))
     return df.with_columns(pl.col("value").cast(pl.Float64))
 
 

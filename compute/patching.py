@@ -452,10 +452,11 @@ def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base
         if not ran:
             return resid
         r = torch.tensor(ran)
-        n_patch = int(patch_h[:, r][:, :, vs].sum())
+        patched, kept = patch_h[:, r][:, :, vs], keep_h[:, r][:, :, vs]  # [b, ran, n]
+        n_patch = int(patched.sum())
         if n_patch == 0:
             return resid
-        n_keep = int(keep_h[:, r][:, :, vs].sum())
+        n_keep = int(kept.sum())
         if n_keep == 0:
             return low
         mask, start = (patch_d, resid) if n_patch <= n_keep else (keep_d, low)
@@ -463,8 +464,7 @@ def _run_sparse(model: HookedTransformer, batch: Batch, keep: torch.Tensor, base
         terms = torch.matmul(w.transpose(1, 2)[:, None], buf[:, :, :len(ran)])  # [b, p, n, d]
         x = start[:, :, None] - terms if mask is patch_d else start[:, :, None] + terms
         # per prompt and input, a stream as it is where nothing or everything is patched
-        for exact, stream in ((~keep_h[:, r][:, :, vs].any(1), low),
-                              (~patch_h[:, r][:, :, vs].any(1), resid)):
+        for exact, stream in ((~kept.any(1), low), (~patched.any(1), resid)):
             if bool(exact.any()):
                 x = torch.where(exact.to(dev)[:, None, :, None], stream[:, :, None], x)
         return x

@@ -26,6 +26,8 @@ EDGE_KEY = ("up_layer", "up_type", "up_index", "down_layer", "down_type", "down_
 def mean_edges(wh, run: int, prompt_ids: list[int] | None) -> tuple[pl.DataFrame, list[int]]:
     """The run's component edges (summed over positions) averaged over `prompt_ids` (None: all
     the run's prompts), and the prompt ids averaged over."""
+    from actwh.evaluate import COMPONENT_TYPES
+
     ids = wh.sql("SELECT prompt_id FROM prompts WHERE run_id = $run ORDER BY prompt_id",
                  run=run)["prompt_id"].to_list()
     if not ids:
@@ -42,11 +44,11 @@ def mean_edges(wh, run: int, prompt_ids: list[int] | None) -> tuple[pl.DataFrame
         "CAST(NULL AS INTEGER) AS down_pos, down_input::VARCHAR AS down_input, "
         "sum(value)::DOUBLE / $n AS value, count(*) AS n_prompts "
         "FROM edges WHERE run_id = $run AND up_pos IS NULL AND down_pos IS NULL "
-        "AND up_type::VARCHAR IN ('embed', 'attn_head', 'mlp', 'mlp_expert') "
+        "AND list_contains($ups, up_type::VARCHAR) "
         "AND down_type::VARCHAR IN ('attn_head', 'mlp', 'logit') "
         "AND list_contains($prompts, prompt_id) "
         "GROUP BY ALL ORDER BY up_layer, up_type, up_index, down_layer, down_type, down_index, "
-        "down_input", run=run, prompts=ids, n=len(ids))
+        "down_input", run=run, prompts=ids, n=len(ids), ups=list(COMPONENT_TYPES))
     if df.height == 0:
         raise ActwhError(f"run {run} has no component edges for those prompts; populate with "
                          "--edges")
